@@ -1,0 +1,46 @@
+# Set-up is two commands on a machine with Python >= 3.10 and pip: `make train` and `make test`.
+# Each creates .venv and installs what it needs on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: help install train test test-all test-slow lint format clean
+
+help: ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install the package with its dev tools
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+train: install ## train the built-in default on rendered text, then evaluate it (CPU is fine)
+	$(PY) train.py $(ARGS)
+
+test: install ## the default test suite (CPU, no network)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-slow: install ## only the tests marked slow (subprocess sweeps, DDP)
+	$(PY) -m pytest -m slow $(ARGS)
+
+test-all: install ## every test
+	$(PY) -m pytest $(ARGS)
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean: ## remove run outputs, caches and generated data (keeps .venv)
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache
+	find data -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

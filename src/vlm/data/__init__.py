@@ -1,0 +1,1 @@
+"""Data: rendering, raw formats -> common samples, webdataset shards, processing, datamodules."""

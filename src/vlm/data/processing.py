@@ -1,0 +1,192 @@
+"""Samples -> model inputs: image views, prompt with `<image>` placeholders, token ids, labels, batches."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from typing import ClassVar
+
+import torch
+from PIL import Image
+
+from vlm import IGNORE_INDEX, IMAGE_TOKEN
+from vlm.models.encoders.base import ImagePreprocessing
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; `reason` is the short name it is counted under."""
+
+    def __init__(self, key: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"sample {key!r}: {reason}" + (f" ({detail})" if detail else ""))
+        self.key, self.reason = key, reason
+
+
+class SkipCounter:
+    """Bad samples seen by this process since the last drain, by reason.
+
+    Each dataloader worker has its own copy; counts ride along with the next good sample to the main
+    process, where the training module adds them up.
+    """
+
+    counts: ClassVar[Counter] = Counter()
+
+    @classmethod
+    def add(cls, error: BadSample) -> None:
+        cls.counts[error.reason] += 1
+        log.warning("skipped %s", error)
+
+    @classmethod
+    def drain(cls) -> dict[str, int]:
+        counts, cls.counts = dict(cls.counts), Counter()
+        return counts
+
+
+class ImageProcessor:
+    """PIL image -> normalised (3, H, W) tensor as the encoder expects it."""
+
+    def __init__(self, preprocessing: ImagePreprocessing) -> None:
+        self.prep = preprocessing
+        self.mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
+        self.std = torch.tensor(preprocessing.std).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        height, width = self.prep.size
+        image = image.convert("RGB")
+        if self.prep.resize == "pad":
+            scale = min(width / image.width, height / image.height)
+            resized = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                Image.Resampling.BICUBIC,
+            )
+            canvas = Image.new("RGB", (width, height), self.prep.pad_color)
+            canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
+            image = canvas
+        elif image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+        return (pixels.permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
+
+
+class SampleProcessor:
+    """Raw webdataset sample -> {input_ids, labels, prompt_ids, pixel_values, answers, key}.
+
+    The sequence is `bos, prompt (each <image> expanded to the vision tokens), answer, eos`; labels are
+    IGNORE_INDEX everywhere but the answer and eos.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_preprocessing: ImagePreprocessing,
+        vision_tokens_per_image: int,
+        max_length: int = 512,
+        train: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.images = ImageProcessor(image_preprocessing)
+        self.vision_tokens_per_image = vision_tokens_per_image
+        self.max_length = max_length
+        self.train = train
+
+    def decode(self, raw: dict) -> tuple[dict, list[Image.Image]]:
+        key = raw.get("__key__", "?")
+        try:
+            record = json.loads(raw["json"])
+            answers = record["answers"]
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
+            record["prompt"] = str(record["prompt"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise BadSample(key, "malformed_record", str(error)) from error
+        images = []
+        for ext in IMAGE_EXTENSIONS:
+            if ext in raw:
+                try:
+                    image = Image.open(io.BytesIO(raw[ext]))
+                    image.load()
+                except Exception as error:
+                    raise BadSample(key, "corrupt_image", f"{type(error).__name__}: {error}") from error
+                images.append(image)
+        return record, images
+
+    def encode_prompt(self, prompt: str, num_images: int) -> list[int]:
+        if num_images and IMAGE_TOKEN not in prompt:
+            prompt = IMAGE_TOKEN * num_images + "\n" + prompt
+        pieces = self.tokenizer.format_prompt(prompt).split(IMAGE_TOKEN)
+        if len(pieces) - 1 != num_images:
+            raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} markers for {num_images} image(s)")
+        ids = [self.tokenizer.bos_id]
+        for i, piece in enumerate(pieces):
+            if i:
+                ids += [self.tokenizer.image_token_id] * self.vision_tokens_per_image
+            ids += self.tokenizer.encode(piece)
+        return ids
+
+    def __call__(self, raw: dict) -> dict:
+        record, images = self.decode(raw)
+        key = raw.get("__key__", "?")
+        try:
+            prompt_ids = self.encode_prompt(record["prompt"], len(images))
+        except ValueError as error:
+            raise BadSample(key, "malformed_record", str(error)) from error
+        answer = random.choice(record["answers"]) if self.train else record["answers"][0]
+        answer_ids = [*self.tokenizer.encode(answer), self.tokenizer.eos_id]
+        if len(prompt_ids) + len(answer_ids) > self.max_length:
+            raise BadSample(
+                key, "too_long", f"{len(prompt_ids) + len(answer_ids)} > {self.max_length} tokens"
+            )
+        pixel_values = (
+            torch.stack([self.images(im) for im in images])
+            if images
+            else torch.zeros(0, 3, *self.images.prep.size)
+        )
+        return {
+            "key": key,
+            "input_ids": torch.tensor(prompt_ids + answer_ids),
+            "labels": torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer_ids),
+            "prompt_ids": torch.tensor(prompt_ids),
+            "pixel_values": pixel_values,
+            "answers": record["answers"],
+            "task": record.get("task", ""),
+        }
+
+
+def pad(sequences: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
+    length = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), length), value, dtype=sequences[0].dtype)
+    for i, s in enumerate(sequences):
+        if left:
+            out[i, length - len(s) :] = s
+        else:
+            out[i, : len(s)] = s
+    return out
+
+
+class Collator:
+    """Right-padded training tensors plus left-padded prompts for generation."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        skipped = SkipCounter.drain()
+        input_ids = [s["input_ids"] for s in samples]
+        prompts = [s["prompt_ids"] for s in samples]
+        return {
+            "keys": [s["key"] for s in samples],
+            "input_ids": pad(input_ids, self.pad_id),
+            "labels": pad([s["labels"] for s in samples], IGNORE_INDEX),
+            "attention_mask": pad([torch.ones_like(i) for i in input_ids], 0),
+            "prompt_ids": pad(prompts, self.pad_id, left=True),
+            "prompt_mask": pad([torch.ones_like(p) for p in prompts], 0, left=True),
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "images_per_sample": torch.tensor([len(s["pixel_values"]) for s in samples]),
+            "answers": [s["answers"] for s in samples],
+            "skipped": skipped,
+        }

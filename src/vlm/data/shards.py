@@ -1,0 +1,65 @@
+"""Webdataset shards in the common sample schema, the same for every source.
+
+A sample is `{key, image (encoded bytes or None), image_ext, task, prompt, answers, meta}`; in a tar it
+is `<key>.<image_ext>` (the image) and `<key>.json` (everything else).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import webdataset as wds
+
+INDEX_FILE = "index.json"
+
+
+def to_tar_entry(sample: dict) -> dict:
+    entry = {
+        "__key__": sample["key"],
+        "json": json.dumps(
+            {
+                "task": sample["task"],
+                "prompt": sample["prompt"],
+                "answers": list(sample["answers"]),
+                "meta": sample.get("meta", {}),
+            }
+        ).encode(),
+    }
+    if sample.get("image") is not None:
+        entry[sample.get("image_ext", "png")] = sample["image"]
+    return entry
+
+
+def write_shards(samples: Iterable[dict], out_dir: Path, prefix: str, samples_per_shard: int) -> list[str]:
+    """Write `prefix-000000.tar`, ... under out_dir; return the shard paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pattern = str(out_dir / f"{prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as writer:
+        for sample in samples:
+            writer.write(to_tar_entry(sample))
+    return sorted(glob.glob(str(out_dir / f"{prefix}-*.tar")))
+
+
+def expand_urls(urls: str | Iterable[str]) -> list[str]:
+    """Shard URLs from a glob, a brace pattern (`a-{000..009}.tar`), a `::`-separated string or a list."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    expanded: list[str] = []
+    for item in items:
+        for url in wds.shardlists.expand_urls(item):
+            matches = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
+            expanded.extend(matches)
+    if not expanded:
+        raise FileNotFoundError(f"no shards match {urls!r}")
+    return expanded
+
+
+def write_index(directory: Path, info: dict) -> None:
+    (directory / INDEX_FILE).write_text(json.dumps(info, indent=2))
+
+
+def read_index(directory: Path) -> dict | None:
+    path = directory / INDEX_FILE
+    return json.loads(path.read_text()) if path.exists() else None

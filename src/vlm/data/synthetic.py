@@ -1,0 +1,158 @@
+"""The built-in dataset: English prose rendered with Pillow, written once as webdataset shards.
+
+python -m vlm.data.synthetic                      # the default config (conf/data/synthetic.yaml)
+python -m vlm.data.synthetic data.source.num_train=1000 data.source.image_size=[64,256]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vlm.data import corpus
+from vlm.data.render import TextDoesNotFit, find_font, random_style, render
+from vlm.data.shards import read_index, write_index, write_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyntheticText:
+    """Rendered-text OCR samples; `prepare()` writes the shards once and returns their paths per split."""
+
+    root: str = "data/synthetic"
+    image_size: tuple[int, int] = (32, 512)  # (height, width)
+    min_chars: int = 32
+    max_chars: int = 64
+    num_train: int = 32000
+    num_val: int = 512
+    num_test: int = 512
+    samples_per_shard: int = 1000
+    fonts: list[str] = field(default_factory=lambda: ["DejaVuSans", "DejaVuSerif", "DejaVuSansMono"])
+    font_sizes: list[int] = field(default_factory=lambda: [13, 14, 15])
+    prompt: str = "<image>\nRead the text."
+    seed: int = 0
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(self.image_size)
+        self.fonts, self.font_sizes = list(self.fonts), list(self.font_sizes)
+
+    @property
+    def directory(self) -> Path:
+        """One folder per generation recipe, so a changed config never reuses stale shards."""
+        recipe = {k: v for k, v in asdict(self).items() if k not in ("root", "workers")}
+        recipe["python"] = list(sys.version_info[:2])  # the corpus comes from Python's own docs
+        digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:8]
+        height, width = self.image_size
+        name = f"{height}x{width}_{self.min_chars}-{self.max_chars}chars_seed{self.seed}_{digest}"
+        return Path(self.root) / name
+
+    def counts(self) -> dict[str, int]:
+        return {"train": self.num_train, "val": self.num_val, "test": self.num_test}
+
+    def sample_counts(self) -> dict[str, int]:
+        """Samples actually written per split (texts that did not fit the image are left out)."""
+        self.prepare()
+        return {split: info["samples"] for split, info in read_index(self.directory)["splits"].items()}
+
+    def prepare(self) -> dict[str, list[str]]:
+        """Shard paths per split, rendering them first if this recipe has not been written yet."""
+        index = read_index(self.directory)
+        if index is None:
+            self._write()
+            index = read_index(self.directory)
+        return {
+            split: [str(self.directory / name) for name in info["shards"]]
+            for split, info in index["splits"].items()
+        }
+
+    def _write(self) -> None:
+        available = [f for f in self.fonts if find_font(f)]
+        missing = sorted(set(self.fonts) - set(available))
+        if missing:
+            log.warning("fonts not installed, skipped: %s", ", ".join(missing))
+        fonts: list[str | None] = available or [None]  # Pillow's built-in font as the last resort
+        tmp = self.directory.with_name(self.directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        splits = {}
+        for split, count in self.counts().items():
+            texts = corpus.snippets(split, count, self.min_chars, self.max_chars, self.seed)
+            jobs = [(split, i, text, fonts) for i, text in enumerate(texts)]
+            with Pool(self.workers) if self.workers > 1 else _Inline() as pool:
+                rendered = tqdm(
+                    pool.imap(self._render_one, jobs, chunksize=64),
+                    total=len(jobs),
+                    desc=f"rendering {split}",
+                    unit="img",
+                    disable=None,
+                )
+                samples = [s for s in rendered if s is not None]
+            shards = write_shards(samples, tmp, split, self.samples_per_shard)
+            splits[split] = {
+                "samples": len(samples),
+                "skipped_does_not_fit": len(jobs) - len(samples),
+                "shards": [Path(s).name for s in shards],
+            }
+        write_index(tmp, {"source": "synthetic", "recipe": asdict(self), "splits": splits})
+        tmp.replace(self.directory)
+        log.info("wrote %s", self.directory)
+
+    def _render_one(self, job: tuple) -> dict | None:
+        split, index, text, fonts = job
+        rng = random.Random(f"{self.seed}-{split}-{index}")
+        style = random_style(rng, fonts, self.font_sizes)
+        try:
+            image = render(text, self.image_size, style)
+        except TextDoesNotFit:
+            return None
+        buffer = io.BytesIO()
+        image.convert("L").save(buffer, format="PNG")
+        return {
+            "key": f"{split}-{index:07d}",
+            "image": buffer.getvalue(),
+            "image_ext": "png",
+            "task": "ocr",
+            "prompt": self.prompt,
+            "answers": [text],
+            "meta": {"source": "synthetic", "split": split, "font": style.font, "font_size": style.font_size},
+        }
+
+
+class _Inline:
+    """A stand-in for multiprocessing.Pool that maps in this process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def main(argv: list[str]) -> None:
+    from hydra.utils import instantiate
+
+    from vlm.config import compose
+
+    logging.basicConfig(level=logging.INFO)
+    cfg = compose("train", ["data=synthetic", *argv])
+    source = instantiate(cfg.data.source)
+    for split, shards in source.prepare().items():
+        print(f"{split}: {len(shards)} shard(s) in {source.directory}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,6 @@
+"""Vision encoders: one module per family, all with the `VisionEncoder` interface."""
+
+from vlm.models.encoders.base import ImagePreprocessing, VisionEncoder
+from vlm.models.encoders.tiny import TinyEncoder
+
+__all__ = ["ImagePreprocessing", "TinyEncoder", "VisionEncoder"]

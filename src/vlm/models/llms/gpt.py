@@ -1,0 +1,243 @@
+"""A GPT in the architecture of nanochat (Karpathy, 2025).
+
+Rotary embeddings, QK RMSNorm, ReLU² MLP, parameter-free RMSNorm, no biases, untied embedding and
+head, logits soft-capped at 15, grouped KV heads. Parameter names follow nanochat's checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm.models.llms.tokenizer import ByteTokenizer
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 260
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 256
+    logit_softcap: float = 15.0
+    rotary_base: float = 10000.0
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the head dimension. x: (B, T, H, D); cos/sin: (B, T, 1, D/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, so each decoding step costs O(current length)."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, H, T, D) after the cached positions; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D) -> (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer_idx, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask, kv_cache):
+        x = x + self.attn(rms_norm(x), cos, sin, attn_mask, kv_cache)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    """nanochat's GPT, driven by `inputs_embeds` so vision tokens can be spliced in."""
+
+    block_classes = (Block,)
+
+    def __init__(self, config: GPTConfig, tokenizer: ByteTokenizer | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer or ByteTokenizer()
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but vocab_size is {config.vocab_size}"
+            )
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            }
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        head_dim = config.n_embd // config.n_head
+        cos, sin = self._rotary_tables(config.sequence_len * 10, head_dim, config.rotary_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.n_embd
+
+    @staticmethod
+    def _rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+        # nanochat keeps the tables in bf16; matching its checkpoints needs the same rounding
+        return freqs.cos().bfloat16(), freqs.sin().bfloat16()
+
+    def reset_parameters(self) -> None:
+        """nanochat's init: fan-in scaled normals, zero output projections and head."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if name.endswith("c_proj") or name == "lm_head":
+                    nn.init.zeros_(module.weight)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> embeddings (B, T, C)."""
+        return self.transformer.wte(input_ids)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c = self.config
+        ref = self.lm_head.weight
+        return KVCache(
+            c.n_layer, batch_size, c.n_kv_head, c.n_embd // c.n_head, max_len, ref.device, ref.dtype
+        )
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for embeddings (B, T, C).
+
+        attention_mask (B, S) covers the cached and the new positions (1 = real token); it is needed
+        only with padding on the left. Positions count real tokens, so left padding does not shift them.
+        """
+        B, T, _ = inputs_embeds.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is None:
+            positions = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
+            attn_mask = (
+                None
+                if past == 0
+                else torch.ones(B, 1, T, past + T, dtype=torch.bool, device=inputs_embeds.device)
+            )
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            causal = torch.ones(T, past + T, dtype=torch.bool, device=inputs_embeds.device).tril(past)
+            attn_mask = causal[None, None] & attention_mask[:, None, None, : past + T].bool()
+            # a fully padded query row would give NaNs: let it see itself
+            idx = torch.arange(T, device=inputs_embeds.device)
+            attn_mask[:, :, idx, past + idx] = True
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        x = rms_norm(inputs_embeds)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        logits = self.lm_head(rms_norm(x)).float()
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+
+def build_gpt(
+    vocab_size: int = 260,
+    sequence_len: int = 1024,
+    n_layer: int = 4,
+    n_head: int = 4,
+    n_kv_head: int | None = None,
+    n_embd: int = 256,
+) -> GPT:
+    """A freshly initialised GPT with the byte tokenizer (Hydra entry point of `llm=tiny`)."""
+    config = GPTConfig(
+        sequence_len=sequence_len,
+        vocab_size=vocab_size,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=n_kv_head or n_head,
+        n_embd=n_embd,
+    )
+    return GPT(config)

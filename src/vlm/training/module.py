@@ -1,0 +1,170 @@
+"""The LightningModule: builds the model from the run config, applies the stage, trains and evaluates."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vlm import IGNORE_INDEX
+from vlm.eval.metrics import corpus_cer, exact_match
+from vlm.generation import generate
+from vlm.models.vlm import VisionLanguageModel
+from vlm.training.optim import param_groups, warmup_cosine
+
+log = logging.getLogger(__name__)
+PARTS = ("encoder", "resampler", "projector", "llm")
+
+
+def apply_stage(model: VisionLanguageModel, stage: DictConfig) -> list[str]:
+    """Freeze what the stage says; return the names of the frozen modules."""
+    frozen = [part for part in PARTS if not stage.train[part]]
+    frozen += list(stage.get("freeze", []))
+    if stage.get("freeze_encoder_low_level", False):
+        frozen += [f"encoder.{name}" for name in model.encoder.low_level_modules]
+    for name in frozen:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(
+                f"stage {stage.name!r} freezes {name!r}, which the model does not have"
+            ) from error
+        module.requires_grad_(False)
+    return frozen
+
+
+class VLMModule(L.LightningModule):
+    """Trains a VisionLanguageModel; `cfg` is the whole resolved run config (saved in checkpoints)."""
+
+    def __init__(self, cfg: dict | DictConfig) -> None:
+        super().__init__()
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        self.cfg = OmegaConf.create(self.hparams["cfg"])
+        self.model: VisionLanguageModel = instantiate(self.cfg.model)
+        self.frozen = apply_stage(self.model, self.cfg.stage)
+        self.skipped: Counter = Counter()
+        self.benchmark = None  # set by train.py / eval.py before testing
+        self.eval_output_dir: Path | None = None
+        self._val_predictions: list[tuple[str, str]] = []
+        self._test_records: list[dict] = []
+        self.test_metrics: dict | None = None
+
+    # -- stage ----------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> VLMModule:
+        """Frozen modules stay in eval mode (dropout off, norms fixed) whatever Lightning asks."""
+        super().train(mode)
+        for name in self.frozen:
+            self.model.get_submodule(name).eval()
+        return self
+
+    def configure_optimizers(self):
+        optim, stage = self.cfg.optim, self.cfg.stage
+        parts = {p: getattr(self.model, p) for p in PARTS if stage.train[p]}
+        lrs = {p: optim.lr * stage.lr_scale[p] for p in parts}
+        groups = param_groups(parts, lrs, optim.weight_decay)
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+        total = (
+            self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        )
+        scheduler = warmup_cosine(optimizer, optim.warmup_steps, int(total), optim.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- training -------------------------------------------------------------------------------
+    def loss(self, batch: dict) -> torch.Tensor:
+        logits = self.model(batch["input_ids"], batch["pixel_values"])  # right padding: causal is enough
+        labels = batch["labels"]
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    def _count_skipped(self, batch: dict) -> None:
+        self.skipped.update(batch.get("skipped", {}))
+        if self.skipped:
+            self.log("data/skipped", float(sum(self.skipped.values())), reduce_fx="sum", sync_dist=True)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self._count_skipped(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def predict_text(self, batch: dict, max_new_tokens: int) -> list[str]:
+        gen = self.cfg.generation
+        ids = generate(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["pixel_values"],
+            max_new_tokens=max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+        )
+        return [self.model.tokenizer.decode(row) for row in ids]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch_size = len(batch["keys"])
+        self.log("val/loss", self.loss(batch), prog_bar=True, batch_size=batch_size, sync_dist=True)
+        if batch_idx < self.cfg.generation.val_batches:
+            predictions = self.predict_text(batch, self.cfg.generation.max_new_tokens)
+            self._val_predictions += [(p, a[0]) for p, a in zip(predictions, batch["answers"], strict=True)]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_predictions:
+            return
+        predictions, references = zip(*self._val_predictions, strict=True)
+        self._val_predictions = []
+        count = len(references)
+        self.log(
+            "val/cer",
+            corpus_cer(list(predictions), list(references)),
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=count,
+        )
+        self.log(
+            "val/exact_match",
+            exact_match(list(predictions), list(references)),
+            sync_dist=True,
+            batch_size=count,
+        )
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        predictions = self.predict_text(batch, self.benchmark.max_new_tokens)
+        for key, prediction, answers in zip(batch["keys"], predictions, batch["answers"], strict=True):
+            self._test_records.append({"key": key, "prediction": prediction, "answers": answers})
+
+    def on_test_epoch_end(self) -> None:
+        records, self._test_records = self._test_records, []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        metrics = self.benchmark.score(records, self.model.tokenizer, self.model.vision_tokens_per_image)
+        self.test_metrics = metrics
+        for name, value in metrics.items():
+            if isinstance(value, int | float):
+                self.log(f"eval/{name}", float(value), rank_zero_only=True)
+        if self.eval_output_dir is not None and self.global_rank == 0:
+            self.benchmark.write(self.eval_output_dir, records, metrics)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    return total, sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,117 @@
+"""What train.py and eval.py do, callable from tests with a composed config."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from vlm.data.datamodule import ShardDataModule
+from vlm.data.processing import SampleProcessor
+from vlm.eval.benchmarks.synthetic import format_table
+from vlm.models.vlm import VisionLanguageModel
+from vlm.training.module import VLMModule, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(data_cfg: DictConfig, model: VisionLanguageModel, max_length: int) -> ShardDataModule:
+    """The configured datamodule, processing samples for this model's encoder and tokenizer."""
+    factory = functools.partial(
+        SampleProcessor,
+        model.tokenizer,
+        model.encoder.preprocessing,
+        model.vision_tokens_per_image,
+        max_length,
+    )
+    return instantiate(
+        data_cfg, processor_factory=lambda train: factory(train=train), pad_id=model.tokenizer.pad_id
+    )
+
+
+def build_trainer(cfg: DictConfig, callbacks: bool = True) -> L.Trainer:
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    cbs = [instantiate(c) for c in cfg.callbacks.values()] if callbacks and "callbacks" in cfg else []
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=cbs)
+
+
+def close_loggers(trainer: L.Trainer) -> None:
+    """Finish W&B runs even after a crash, so one failed job does not break a sweep."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            wandb.finish()
+
+
+def evaluate(
+    trainer: L.Trainer,
+    module: VLMModule,
+    datamodule: ShardDataModule,
+    benchmark,
+    output_dir: Path,
+    ckpt_path: str | None = None,
+) -> dict:
+    """Generate on the benchmark's split, write predictions.jsonl + metrics.json, print a table."""
+    module.benchmark, module.eval_output_dir = benchmark, output_dir
+    trainer.test(module, dataloaders=benchmark.dataloader(datamodule), ckpt_path=ckpt_path, verbose=False)
+    metrics = module.test_metrics
+    if trainer.is_global_zero:
+        print(f"\n{benchmark.name} ({metrics['samples']} samples) -> {output_dir}\n{format_table(metrics)}")
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, then evaluate the best checkpoint; returns the final metrics (for sweepers)."""
+    L.seed_everything(cfg.seed, workers=True)
+    module = VLMModule(cfg)
+    total, trainable = count_parameters(module.model)
+    log.info(
+        "model: %.2fM parameters, %.2fM trainable; %d vision tokens per image; frozen: %s",
+        total / 1e6,
+        trainable / 1e6,
+        module.model.vision_tokens_per_image,
+        module.frozen or "nothing",
+    )
+    datamodule = build_datamodule(cfg.data, module.model, cfg.max_length)
+    trainer = build_trainer(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)}
+        if cfg.get("test") and not trainer.fast_dev_run:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            benchmark = instantiate(cfg.benchmark)
+            result = evaluate(
+                trainer,
+                module,
+                datamodule,
+                benchmark,
+                Path(cfg.paths.output_dir) / "eval",
+                ckpt_path=best or None,
+            )
+            metrics.update({f"eval/{k}": v for k, v in result.items()})
+    finally:
+        close_loggers(trainer)
+    return metrics
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    """eval.py: rebuild the model from the checkpoint's own config and run the benchmark."""
+    if not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a file")
+    module = VLMModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=False)
+    run_cfg = module.cfg
+    datamodule = build_datamodule(run_cfg.data, module.model, run_cfg.max_length)
+    trainer = build_trainer(cfg, callbacks=False)
+    try:
+        return evaluate(trainer, module, datamodule, instantiate(cfg.benchmark), Path(cfg.paths.output_dir))
+    finally:
+        close_loggers(trainer)

@@ -1,0 +1,65 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlm.config import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# small data and model so a training step takes milliseconds
+TINY_DATA = [
+    "data.source.num_train=96",
+    "data.source.num_val=16",
+    "data.source.num_test=16",
+    "data.source.samples_per_shard=16",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "data.val_samples=16",
+    "data.shuffle_buffer=16",
+]
+TINY_MODEL = [
+    "encoder.dim=64",
+    "encoder.depth=1",
+    "encoder.heads=2",
+    "llm.n_embd=64",
+    "llm.n_layer=2",
+    "llm.n_head=2",
+    "llm.n_kv_head=2",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def offline_env():
+    os.environ.update(
+        HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false"
+    )
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Shared across tests: each data recipe is rendered once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, data_dir):
+    def make(*overrides: str, config: str = "train"):
+        base = [f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"]
+        if config == "train":
+            base += TINY_DATA + TINY_MODEL
+        return compose(config, [*base, *overrides])
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python <args>` in the repo like a user would; fail with its output on a non-zero exit."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc

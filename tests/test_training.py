@@ -1,0 +1,125 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm.training.module import VLMModule
+from vlm.training.run import build_datamodule, evaluate_checkpoint, train
+
+
+def test_fast_dev_run_of_the_default(make_cfg):
+    metrics = train(make_cfg("debug=fast_dev_run"))
+    assert metrics["train/loss"] > 0 and "val/cer" in metrics
+
+
+def test_stage_freezes_and_keeps_frozen_parts_in_eval_mode(make_cfg):
+    module = VLMModule(make_cfg("stage=2"))
+    assert module.frozen == ["encoder.stem"]
+    assert not any(p.requires_grad for p in module.model.encoder.stem.parameters())
+    assert all(p.requires_grad for p in module.model.encoder.blocks.parameters())
+    module.train()
+    assert not module.model.encoder.stem.training and module.model.encoder.blocks.training
+    aligned = VLMModule(make_cfg("stage=align"))
+    trainable = {n.split(".")[0] for n, p in aligned.model.named_parameters() if p.requires_grad}
+    assert trainable == {"resampler", "projector"}
+
+
+def test_frozen_parts_do_not_change_in_a_step(make_cfg, tmp_path):
+    cfg = make_cfg("stage=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false")
+    torch.manual_seed(0)
+    before = VLMModule(cfg).model.state_dict()
+    metrics = train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    after = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    assert torch.equal(before["encoder.stem.0.weight"], after["encoder.stem.0.weight"])
+    assert not torch.equal(before["encoder.blocks.0.qkv.weight"], after["encoder.blocks.0.qkv.weight"])
+    assert metrics["train/loss"] > 0
+
+
+def test_bad_stage_module_is_named(make_cfg):
+    with pytest.raises(ValueError, match=r"freezes 'encoder.nope'"):
+        VLMModule(make_cfg("stage.freeze=[encoder.nope]"))
+
+
+def test_overfit_reproduces_the_exact_strings(make_cfg):
+    cfg = make_cfg(
+        "debug=overfit",
+        "data.source.max_chars=40",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=20",
+        "trainer.max_steps=250",
+        "trainer.val_check_interval=250",
+        "encoder.dim=96",
+        "llm.n_embd=96",
+        "generation.val_batches=1",
+        "llm.n_head=2",
+        "llm.n_kv_head=2",
+    )
+    metrics = train(cfg)
+    assert metrics["train/loss"] < 0.05, metrics
+    assert metrics["val/exact_match"] == 1.0, metrics
+    assert metrics["val/cer"] == 0.0
+
+
+def test_resume_continues_the_global_step(make_cfg, tmp_path):
+    first = make_cfg("trainer.max_steps=4", "trainer.val_check_interval=2", "test=false")
+    train(first)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    resumed = make_cfg(
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=2",
+        "test=false",
+        f"ckpt_path={last}",
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+    )
+    train(resumed)
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 6
+
+
+def test_train_then_eval_round_trip(make_cfg, tmp_path):
+    metrics = train(make_cfg("trainer.max_steps=4", "trainer.val_check_interval=2", "benchmark.limit=8"))
+    assert metrics["eval/samples"] == 8 and metrics["eval/vision_tokens_per_image"] == 16
+    best = next((tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
+    ckpt = torch.load(best, weights_only=False)
+    assert ckpt["hyper_parameters"]["cfg"]["encoder"]["dim"] == 64  # the resolved config travels along
+    eval_cfg = make_cfg(
+        f"ckpt_path={best}", "benchmark.limit=8", f"hydra.run.dir={tmp_path / 'eval'}", config="eval"
+    )
+    result = evaluate_checkpoint(eval_cfg)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written == pytest.approx(result)
+    for field in [
+        "cer",
+        "wer",
+        "exact_match",
+        "mean_text_tokens",
+        "vision_tokens_per_image",
+        "compression_ratio",
+    ]:
+        assert field in written
+    assert written["compression_ratio"] == pytest.approx(written["mean_text_tokens"] / 16)
+    lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and {"key", "prediction", "answers", "cer"} <= set(json.loads(lines[0]))
+
+
+def test_skipped_samples_are_logged(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_steps=2", "trainer.val_check_interval=2", "test=false")
+    module = VLMModule(cfg)
+    datamodule = build_datamodule(cfg.data, module.model, cfg.max_length)
+    datamodule.prepare_data()
+    shard = Path(datamodule.shards("train")[0])
+    data = shard.read_bytes()
+    start = data.index(b"\x89PNG") + 200
+    shard.write_bytes(
+        data[:start] + b"\x00" * 300 + data[start + 300 :]
+    )  # break one image, keep the tar valid
+    try:
+        train(cfg.copy())
+        rows = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
+        assert "data/skipped" in rows.splitlines()[0]
+    finally:
+        shard.write_bytes(data)
