@@ -47,9 +47,9 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_cfg(tmp_path, data_dir):
-    def make(*overrides: str, config: str = "train"):
+    def make(*overrides: str, config: str = "train", tiny: bool = True):
         base = [f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"]
-        if config == "train":
+        if config == "train" and tiny:
             base += TINY_DATA + TINY_MODEL
         return compose(config, [*base, *overrides])
 

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
 
 
@@ -20,7 +18,6 @@ def test_unknown_option_lists_the_available_ones():
     assert "Could not find 'encoder/nope'" in proc.stderr and "deepencoder" in proc.stderr
 
 
-@pytest.mark.slow
 def test_multirun_sweeps_stages(tmp_path, data_dir):
     proc = run_cli(
         "train.py",
@@ -38,7 +35,6 @@ def test_multirun_sweeps_stages(tmp_path, data_dir):
     assert "stage='2'" in (tmp_path / "1" / ".hydra" / "overrides.yaml").read_text()
 
 
-@pytest.mark.slow
 def test_ddp_on_cpu_ranks_see_disjoint_samples(tmp_path, data_dir):
     keys_dir = tmp_path / "keys"
     proc = run_cli(

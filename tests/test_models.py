@@ -13,7 +13,7 @@ from vlm.models.vlm import PlaceholderCountError, VisionLanguageModel
 def tiny_vlm(resampler=None) -> VisionLanguageModel:
     torch.manual_seed(0)
     return VisionLanguageModel(
-        TinyEncoder((32, 128), dim=32, depth=1, heads=2),
+        TinyEncoder((32, 128), dim=32, depth=1, heads=2, stages=3),
         resampler or functools.partial(PixelShuffle, factor=4),
         functools.partial(projectors.mlp, layernorm=True),
         build_gpt(n_layer=2, n_head=2, n_embd=64),

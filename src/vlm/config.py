@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -55,10 +55,11 @@ def compose(config_name: str = "train", overrides: list[str] | None = None) -> D
         cfg = hydra_compose(
             config_name, overrides=quote_integer_options(list(overrides or [])), return_hydra_config=True
         )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
+    with read_write(cfg.hydra), open_dict(cfg):
         output_dir = cfg.hydra.run.dir
         cfg.hydra.runtime.output_dir = output_dir
         cfg.hydra.runtime.cwd = os.getcwd()
-        cfg.paths.output_dir = output_dir
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as under @hydra.main, where the node lives only in HydraConfig
     return finalize(cfg)

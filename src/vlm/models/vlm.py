@@ -47,28 +47,40 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N_images, 3, H, W) -> (N_images, vision_tokens_per_image, llm width)."""
-        features = self.encoder(pixel_values)  # (N, rows*cols, D_enc)
-        features = self.resampler(features, self.encoder.grid_size)  # (N, M, D_enc')
-        return self.projector(features)  # (N, M, D_llm)
+        return self.project(self.encoder(pixel_values))
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with every `<image>` position replaced by a vision embedding, in order."""
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder features (N, rows*cols, D_enc) -> resampled, projected (N, M, D_llm)."""
+        features = self.resampler(features, self.encoder.grid_size)  # (N, M, D_enc')
+        return self.projector(features)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with every `<image>` position replaced by a vision embedding, in order.
+
+        Pass `pixel_values`, or `vision` (N_images, M, D_llm) when the images are already encoded.
+        """
         embeds = self.llm.embed(input_ids)
         is_placeholder = input_ids == self.tokenizer.image_token_id
         num_placeholders = int(is_placeholder.sum())
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        if vision is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            vision = self.encode_images(pixel_values)
+        if vision is None:
             if num_placeholders:
                 raise PlaceholderCountError(f"{num_placeholders} <image> placeholders but no images")
             return embeds
-        vision = self.encode_images(pixel_values).flatten(0, 1)  # (N*M, D_llm)
-        if num_placeholders != vision.shape[0]:
+        if num_placeholders != vision.shape[0] * vision.shape[1]:
             raise PlaceholderCountError(
                 f"the token ids hold {num_placeholders} <image> placeholders but the "
-                f"{pixel_values.shape[0]} image(s) give {vision.shape[0]} vision embeddings "
+                f"{vision.shape[0]} image(s) give {vision.shape[0] * vision.shape[1]} vision embeddings "
                 f"({self.vision_tokens_per_image} per image)"
             )
         embeds = embeds.clone()
-        embeds[is_placeholder] = vision.to(embeds.dtype)
+        embeds[is_placeholder] = vision.flatten(0, 1).to(embeds.dtype)
         return embeds
 
     def forward(
@@ -76,6 +88,7 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        vision: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V)."""
-        return self.llm(self.embed_inputs(input_ids, pixel_values), attention_mask=attention_mask)
+        return self.llm(self.embed_inputs(input_ids, pixel_values, vision), attention_mask=attention_mask)

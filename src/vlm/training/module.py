@@ -17,6 +17,7 @@ from vlm import IGNORE_INDEX
 from vlm.eval.metrics import corpus_cer, exact_match
 from vlm.generation import generate
 from vlm.models.vlm import VisionLanguageModel
+from vlm.training.aux_losses import CTCHead
 from vlm.training.optim import param_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ class VLMModule(L.LightningModule):
         self.cfg = OmegaConf.create(self.hparams["cfg"])
         self.model: VisionLanguageModel = instantiate(self.cfg.model)
         self.frozen = apply_stage(self.model, self.cfg.stage)
+        self.ctc_head = (
+            CTCHead(
+                self.model.encoder.output_dim,
+                self.model.encoder.grid_size[0],
+                self.model.tokenizer,
+                self.cfg.loss.ctc_frames_per_column,
+            )
+            if self.cfg.loss.ctc_weight > 0
+            else None
+        )
         self.skipped: Counter = Counter()
         self.benchmark = None  # set by train.py / eval.py before testing
         self.eval_output_dir: Path | None = None
@@ -69,6 +80,8 @@ class VLMModule(L.LightningModule):
         optim, stage = self.cfg.optim, self.cfg.stage
         parts = {p: getattr(self.model, p) for p in PARTS if stage.train[p]}
         lrs = {p: optim.lr * stage.lr_scale[p] for p in parts}
+        if self.ctc_head is not None:
+            parts["ctc_head"], lrs["ctc_head"] = self.ctc_head, optim.lr
         groups = param_groups(parts, lrs, optim.weight_decay)
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
@@ -79,12 +92,24 @@ class VLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- training -------------------------------------------------------------------------------
-    def loss(self, batch: dict) -> torch.Tensor:
-        logits = self.model(batch["input_ids"], batch["pixel_values"])  # right padding: causal is enough
-        labels = batch["labels"]
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its parts: next-token cross-entropy on the answer (+ auxiliary CTC)."""
+        input_ids, labels, cfg = batch["input_ids"], batch["labels"], self.cfg.loss
+        if self.training and cfg.context_dropout > 0:
+            # word dropout (Bowman et al., 2016): hide answer tokens from the decoder's input so it
+            # cannot lean on the language prior alone and has to read the image
+            hidden = torch.rand(labels.shape, device=labels.device) < cfg.context_dropout
+            input_ids = input_ids.masked_fill(hidden & (labels != IGNORE_INDEX), self.model.tokenizer.pad_id)
+        pixel_values = batch["pixel_values"]
+        features = self.model.encoder(pixel_values) if pixel_values.shape[0] else None
+        vision = self.model.project(features) if features is not None else None
+        logits = self.model(input_ids, vision=vision)  # right padding: causal is enough
+        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        parts = {"lm": lm}
+        if self.ctc_head is not None and features is not None:
+            parts["ctc"] = self.ctc_head.loss(features, self.model.encoder.grid_size, batch)
+        total = lm + cfg.ctc_weight * parts["ctc"] if "ctc" in parts else lm
+        return total, parts
 
     def _count_skipped(self, batch: dict) -> None:
         self.skipped.update(batch.get("skipped", {}))
@@ -92,8 +117,10 @@ class VLMModule(L.LightningModule):
             self.log("data/skipped", float(sum(self.skipped.values())), reduce_fx="sum", sync_dist=True)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        loss, parts = self.loss(batch)
         self._count_skipped(batch)
+        for name, value in parts.items():
+            self.log(f"train/loss_{name}", value, batch_size=len(batch["keys"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
@@ -119,7 +146,7 @@ class VLMModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         batch_size = len(batch["keys"])
-        self.log("val/loss", self.loss(batch), prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("val/loss", self.loss(batch)[1]["lm"], prog_bar=True, batch_size=batch_size, sync_dist=True)
         if batch_idx < self.cfg.generation.val_batches:
             predictions = self.predict_text(batch, self.cfg.generation.max_new_tokens)
             self._val_predictions += [(p, a[0]) for p, a in zip(predictions, batch["answers"], strict=True)]

@@ -62,7 +62,13 @@ class TinyEncoder(VisionEncoder):
         widths = [3] + [dim // 2 ** (stages - 1 - i) for i in range(stages)]  # ..., dim/4, dim/2, dim
         layers: list[nn.Module] = []
         for i in range(stages):
-            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1), nn.GELU()]
+            # per-image normalisation keeps the thin strokes of text from fading into the page
+            # background through the stack (without it the encoder's output hardly depends on the image)
+            layers += [
+                nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1),
+                nn.GroupNorm(1, widths[i + 1]),
+                nn.GELU(),
+            ]
         self.stem = nn.Sequential(*layers[:-1])
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, dim) * 0.02)
         self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(depth))
