@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train test test-all test-slow lint format clean
+.PHONY: help install train test lint format clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,12 +24,6 @@ train: install ## train the built-in default on rendered text, then evaluate it 
 	$(PY) train.py $(ARGS)
 
 test: install ## the default test suite (CPU, no network)
-	$(PY) -m pytest -m "not slow" $(ARGS)
-
-test-slow: install ## only the tests marked slow (subprocess sweeps, DDP)
-	$(PY) -m pytest -m slow $(ARGS)
-
-test-all: install ## every test
 	$(PY) -m pytest $(ARGS)
 
 lint: install ## ruff

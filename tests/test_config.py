@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -72,7 +70,3 @@ def test_default_model_builds_and_resampler_options_compose(make_cfg):
 def test_not_yet_implemented_parts_say_which_issue(make_cfg):
     with pytest.raises(InstantiationException, match=r"encoder=deepencoder.*issue #3"):
         instantiate(make_cfg("encoder=deepencoder", tiny=False).model)
-
-
-def test_config_comments_name_real_files():
-    assert Path(CONFIG_DIR / "train.yaml").read_text().count("defaults:") == 1

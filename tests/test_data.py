@@ -1,7 +1,6 @@
 import io
 import json
 import tarfile
-from collections import Counter
 
 import pytest
 import torch
@@ -127,16 +126,15 @@ def test_evaluation_gives_every_rank_the_same_count(tmp_path):
 
 
 def test_corrupt_and_malformed_samples_are_skipped_and_counted(tmp_path):
+    buffer = io.BytesIO()
+    render("fine text", (32, 512), RenderStyle("DejaVuSans", 14)).save(buffer, format="PNG")
     good = {
         "key": "good",
-        "image": render("fine text", (32, 512), RenderStyle("DejaVuSans", 14)).tobytes(),
+        "image": buffer.getvalue(),
         "task": "ocr",
         "prompt": "<image>\nRead.",
         "answers": ["fine text"],
     }
-    buffer = io.BytesIO()
-    render("fine text", (32, 512), RenderStyle("DejaVuSans", 14)).save(buffer, format="PNG")
-    good["image"] = buffer.getvalue()
     corrupt = {**good, "key": "corrupt", "image": b"\x89PNG this is not an image"}
     malformed = {**good, "key": "malformed", "answers": []}
     shards = write_shards([good, corrupt, good | {"key": "good2"}, malformed], tmp_path, "mixed", 10)
@@ -148,7 +146,7 @@ def test_corrupt_and_malformed_samples_are_skipped_and_counted(tmp_path):
     assert shards
 
 
-def test_image_processor_pads_with_gray(tmp_path):
+def test_image_processor_pads_with_gray():
     from vlm.data.processing import ImageProcessor
 
     prep = ImagePreprocessing(size=(64, 64), resize="pad")
@@ -157,4 +155,3 @@ def test_image_processor_pads_with_gray(tmp_path):
     gray = (127 / 255 - 0.5) / 0.5
     assert torch.allclose(out[:, 0, 0], torch.full((3,), gray))
     assert torch.allclose(out[:, 32, 32], torch.ones(3))
-    assert Counter(out[0].flatten().tolist()).most_common(1)[0][1] > 0

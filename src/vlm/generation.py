@@ -65,8 +65,9 @@ def generate(
             embeds = torch.cat([embeds, token_embeds], dim=1)
             logits = llm(embeds, attention_mask=mask)[:, -1]
 
+    stop_set = set(stop.tolist())
     results = []
     for row in outputs.tolist():
-        ends = [i for i, t in enumerate(row) if t in set(stop.tolist())]
+        ends = [i for i, t in enumerate(row) if t in stop_set]
         results.append(row[: ends[0]] if ends else row)
     return results

@@ -89,15 +89,18 @@ class SyntheticText:
         for split, count in self.counts().items():
             texts = corpus.snippets(split, count, self.min_chars, self.max_chars, self.seed)
             jobs = [(split, i, text, fonts) for i, text in enumerate(texts)]
-            with Pool(self.workers) if self.workers > 1 else _Inline() as pool:
-                rendered = tqdm(
-                    pool.imap(self._render_one, jobs, chunksize=64),
-                    total=len(jobs),
-                    desc=f"rendering {split}",
-                    unit="img",
-                    disable=None,
+            pool = Pool(self.workers) if self.workers > 1 else None
+            try:
+                rendered = (
+                    pool.imap(self._render_one, jobs, chunksize=64) if pool else map(self._render_one, jobs)
                 )
-                samples = [s for s in rendered if s is not None]
+                progress = tqdm(
+                    rendered, total=len(jobs), desc=f"rendering {split}", unit="img", disable=None
+                )
+                samples = [s for s in progress if s is not None]
+            finally:
+                if pool:
+                    pool.close()
             shards = write_shards(samples, tmp, split, self.samples_per_shard)
             splits[split] = {
                 "samples": len(samples),
@@ -127,19 +130,6 @@ class SyntheticText:
             "answers": [text],
             "meta": {"source": "synthetic", "split": split, "font": style.font, "font_size": style.font_size},
         }
-
-
-class _Inline:
-    """A stand-in for multiprocessing.Pool that maps in this process."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, items, chunksize=1):
-        return map(fn, items)
 
 
 def main(argv: list[str]) -> None:

@@ -22,7 +22,11 @@ class CTCHead(nn.Module):
 
     def __init__(self, token_dim: int, rows: int, tokenizer, frames_per_column: int = 4) -> None:
         super().__init__()
-        self.frames_per_column, self.blank = frames_per_column, tokenizer.pad_id
+        self.frames_per_column, self.blank, self.eos_id = (
+            frames_per_column,
+            tokenizer.pad_id,
+            tokenizer.eos_id,
+        )
         self.vocab_size = tokenizer.vocab_size
         self.proj = nn.Linear(token_dim * rows, frames_per_column * self.vocab_size)
 
@@ -36,16 +40,10 @@ class CTCHead(nn.Module):
         frames = self.proj(columns).view(B, cols * self.frames_per_column, self.vocab_size)
         log_probs = frames.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
         # targets: the answer without its end-of-sequence token
-        is_answer = (batch["labels"] != IGNORE_INDEX) & (batch["labels"] != self.eos_like(batch))
+        is_answer = (batch["labels"] != IGNORE_INDEX) & (batch["labels"] != self.eos_id)
         targets = [row[mask] for row, mask in zip(batch["labels"], is_answer, strict=True)]
         target_lengths = torch.tensor([len(t) for t in targets])
         input_lengths = torch.full((B,), log_probs.shape[0], dtype=torch.long)
         return F.ctc_loss(
             log_probs, torch.cat(targets), input_lengths, target_lengths, blank=self.blank, zero_infinity=True
         )
-
-    @staticmethod
-    def eos_like(batch: dict) -> torch.Tensor:
-        """The last label of each sample (the end-of-sequence token), broadcastable to the labels."""
-        last = (batch["labels"] != IGNORE_INDEX).long().cumsum(-1).argmax(-1)
-        return batch["labels"].gather(1, last[:, None])

@@ -30,9 +30,7 @@ def build_datamodule(data_cfg: DictConfig, model: VisionLanguageModel, max_lengt
         model.vision_tokens_per_image,
         max_length,
     )
-    return instantiate(
-        data_cfg, processor_factory=lambda train: factory(train=train), pad_id=model.tokenizer.pad_id
-    )
+    return instantiate(data_cfg, processor_factory=factory, pad_id=model.tokenizer.pad_id)
 
 
 def build_trainer(cfg: DictConfig, callbacks: bool = True) -> L.Trainer:

@@ -62,8 +62,7 @@ class TinyEncoder(VisionEncoder):
         widths = [3] + [dim // 2 ** (stages - 1 - i) for i in range(stages)]  # ..., dim/4, dim/2, dim
         layers: list[nn.Module] = []
         for i in range(stages):
-            # per-image normalisation keeps the thin strokes of text from fading into the page
-            # background through the stack (without it the encoder's output hardly depends on the image)
+            # per-image normalisation keeps every stage's output at unit scale, whatever the depth
             layers += [
                 nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1),
                 nn.GroupNorm(1, widths[i + 1]),
