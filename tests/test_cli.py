@@ -8,7 +8,9 @@ from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
 def test_train_cfg_job_prints_the_composed_config():
     proc = run_cli("train.py", "encoder=deepencoder", "stage=1", "trainer.devices=8", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
-    assert "option: encoder=deepencoder" in proc.stdout and "devices: 8" in proc.stdout
+    assert (
+        "_target_: vlm.models.encoders.deepencoder.DeepEncoder" in proc.stdout and "devices: 8" in proc.stdout
+    )
     assert "name: '1'" in proc.stdout
 
 

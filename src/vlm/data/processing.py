@@ -10,10 +10,10 @@ from collections import Counter
 from typing import ClassVar
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vlm import IGNORE_INDEX, IMAGE_TOKEN
-from vlm.models.encoders.base import ImagePreprocessing
+from vlm.models.encoders.base import ImagePreprocessing, TiledViews
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -48,29 +48,56 @@ class SkipCounter:
 
 
 class ImageProcessor:
-    """PIL image -> normalised (3, H, W) tensor as the encoder expects it."""
+    """PIL image -> normalised (3, H, W) tensor as the encoder expects it; with tiling, `TiledViews`."""
 
     def __init__(self, preprocessing: ImagePreprocessing) -> None:
         self.prep = preprocessing
         self.mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
         self.std = torch.tensor(preprocessing.std).view(3, 1, 1)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> torch.Tensor | TiledViews:
         height, width = self.prep.size
         image = image.convert("RGB")
         if self.prep.resize == "pad":
-            scale = min(width / image.width, height / image.height)
-            resized = image.resize(
-                (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                Image.Resampling.BICUBIC,
-            )
-            canvas = Image.new("RGB", (width, height), self.prep.pad_color)
-            canvas.paste(resized, ((width - resized.width) // 2, (height - resized.height) // 2))
-            image = canvas
-        elif image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
-        return (pixels.permute(2, 0, 1).float() / 255.0 - self.mean) / self.std
+            # as DeepSeek-OCR's processor: fit inside, centre on the pad colour
+            view = ImageOps.pad(image, (width, height), Image.Resampling.BICUBIC, self.prep.pad_color)
+        else:
+            view = image.resize((width, height), Image.Resampling.BICUBIC)
+        if self.prep.tiling is None:
+            return self.normalise(view)
+        return TiledViews(self.normalise(view)[None], *self.tiles(image))
+
+    def tiles(self, image: Image.Image) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The image resized to the chosen grid of tiles and cut row by row -> (rows*cols, 3, t, t)."""
+        tile = self.prep.tiling.tile_size
+        rows, cols = self.prep.tiling.choose_grid(image.width, image.height)
+        if rows * cols == 0:
+            return torch.zeros(0, 3, tile, tile), [(0, 0)]
+        resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
+        tiles = [
+            self.normalise(resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)))
+            for r in range(rows)
+            for c in range(cols)
+        ]
+        return torch.stack(tiles), [(rows, cols)]
+
+    def normalise(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(image.height, image.width, 3).permute(2, 0, 1)
+        return (pixels.float() / 255.0 - self.mean) / self.std
+
+    def empty(self) -> torch.Tensor | TiledViews:
+        """What a sample without images carries."""
+        views = torch.zeros(0, 3, *self.prep.size)
+        if self.prep.tiling is None:
+            return views
+        tile = self.prep.tiling.tile_size
+        return TiledViews(views, torch.zeros(0, 3, tile, tile), [])
+
+
+def concat_views(views: list[torch.Tensor | TiledViews]) -> torch.Tensor | TiledViews:
+    """Image tensors of several images or samples, concatenated (tiled views keep their tiles)."""
+    return TiledViews.cat(views) if isinstance(views[0], TiledViews) else torch.cat(views)
 
 
 class SampleProcessor:
@@ -115,24 +142,39 @@ class SampleProcessor:
                 images.append(image)
         return record, images
 
-    def encode_prompt(self, prompt: str, num_images: int) -> list[int]:
+    def encode_prompt(self, prompt: str, num_images: int, placeholders: list[int] | None = None) -> list[int]:
+        """bos + prompt ids, the i-th `<image>` expanded into `placeholders[i]` image tokens
+        (default: `vision_tokens_per_image` each)."""
         if num_images and IMAGE_TOKEN not in prompt:
             prompt = IMAGE_TOKEN * num_images + "\n" + prompt
         pieces = self.tokenizer.format_prompt(prompt).split(IMAGE_TOKEN)
         if len(pieces) - 1 != num_images:
             raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} markers for {num_images} image(s)")
+        placeholders = placeholders or [self.vision_tokens_per_image] * num_images
         ids = [self.tokenizer.bos_id]
         for i, piece in enumerate(pieces):
             if i:
-                ids += [self.tokenizer.image_token_id] * self.vision_tokens_per_image
+                ids += [self.tokenizer.image_token_id] * placeholders[i - 1]
             ids += self.tokenizer.encode(piece)
         return ids
+
+    def placeholders(self, views: torch.Tensor | TiledViews) -> list[int]:
+        """Image tokens for each processed image: tiles add theirs to the untiled count."""
+        if not isinstance(views, TiledViews):
+            return [self.vision_tokens_per_image] * len(views)
+        tiling = self.images.prep.tiling
+        return [self.vision_tokens_per_image + tiling.local_positions(grid) for grid in views.tile_grids]
 
     def __call__(self, raw: dict) -> dict:
         record, images = self.decode(raw)
         key = raw.get("__key__", "?")
+        if images:
+            views = [self.images(im) for im in images]
+            pixel_values = concat_views(views) if isinstance(views[0], TiledViews) else torch.stack(views)
+        else:
+            pixel_values = self.images.empty()
         try:
-            prompt_ids = self.encode_prompt(record["prompt"], len(images))
+            prompt_ids = self.encode_prompt(record["prompt"], len(images), self.placeholders(pixel_values))
         except ValueError as error:
             raise BadSample(key, "malformed_record", str(error)) from error
         answer = random.choice(record["answers"]) if self.train else record["answers"][0]
@@ -141,11 +183,6 @@ class SampleProcessor:
             raise BadSample(
                 key, "too_long", f"{len(prompt_ids) + len(answer_ids)} > {self.max_length} tokens"
             )
-        pixel_values = (
-            torch.stack([self.images(im) for im in images])
-            if images
-            else torch.zeros(0, 3, *self.images.prep.size)
-        )
         return {
             "key": key,
             "input_ids": torch.tensor(prompt_ids + answer_ids),
@@ -185,7 +222,7 @@ class Collator:
             "attention_mask": pad([torch.ones_like(i) for i in input_ids], 0),
             "prompt_ids": pad(prompts, self.pad_id, left=True),
             "prompt_mask": pad([torch.ones_like(p) for p in prompts], 0, left=True),
-            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "pixel_values": concat_views([s["pixel_values"] for s in samples]),
             "images_per_sample": torch.tensor([len(s["pixel_values"]) for s in samples]),
             "answers": [s["answers"] for s in samples],
             "skipped": skipped,

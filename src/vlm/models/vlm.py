@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from vlm.models.encoders.base import VisionEncoder
+from vlm.models.encoders.base import TiledViews, VisionEncoder
+from vlm.models.projectors import WithLayout
 from vlm.models.resamplers import Resampler
+
+log = logging.getLogger(__name__)
 
 
 class PlaceholderCountError(ValueError):
@@ -20,6 +24,9 @@ class VisionLanguageModel(nn.Module):
 
     `resampler` and `projector` are factories (Hydra `_partial_`) completed here with the widths of the
     parts around them, so any combination composes; an impossible one fails now, not mid-forward.
+    When the encoder asks for DeepSeek-OCR's layout (`encoder.layout_tokens`), the projector is wrapped
+    in `projectors.WithLayout`: a learned newline after every row of an image's vision tokens and a
+    separator after the image.
     """
 
     def __init__(
@@ -33,8 +40,20 @@ class VisionLanguageModel(nn.Module):
         self.encoder = encoder
         self.resampler = resampler(in_dim=encoder.output_dim)
         self.vision_grid = self.resampler.output_grid(encoder.grid_size)
-        self.projector = projector(in_dim=self.resampler.out_dim, out_dim=llm.hidden_size)
+        projection = projector(in_dim=self.resampler.out_dim, out_dim=llm.hidden_size)
+        self.projector = WithLayout(projection, llm.hidden_size) if encoder.layout_tokens else projection
         self.llm = llm
+        tiling = encoder.preprocessing.tiling
+        if (
+            tiling is not None
+            and self.resampler.output_grid(tiling.tokens_per_tile) != tiling.tokens_per_tile
+        ):
+            # the data processor counts a tile's placeholders from the encoder's tiling alone
+            raise ValueError(
+                f"a tiling encoder needs a resampler that keeps a tile's {tiling.tokens_per_tile} token "
+                f"grid (resampler=identity), but {type(self.resampler).__name__} changes it"
+            )
+        self.load_companion_weights(encoder.companion_weights())
 
     @property
     def tokenizer(self):
@@ -42,27 +61,84 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def vision_tokens_per_image(self) -> int:
+        """Placeholders per image (a tiling encoder: per untiled image; tiles add
+        `encoder.preprocessing.tiling.local_positions(tile_grid)`)."""
         rows, cols = self.vision_grid
-        return rows * cols
+        if not self.encoder.layout_tokens:
+            return rows * cols
+        return rows * (cols + 1) + 1
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N_images, 3, H, W) -> (N_images, vision_tokens_per_image, llm width)."""
+    def load_companion_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load the encoder checkpoint's projector and layout vectors where name and shape match."""
+        own = dict(self.named_parameters())
+        fresh = {
+            name: f"checkpoint {tuple(value.shape)}, "
+            + (f"model {tuple(own[name].shape)}" if name in own else "not in this model")
+            for name, value in weights.items()
+            if name not in own or own[name].shape != value.shape
+        }
+        loaded = sorted(set(weights) - set(fresh))
+        with torch.no_grad():
+            for name in loaded:
+                own[name].copy_(weights[name])
+        if loaded:
+            log.info("loaded from the encoder's checkpoint: %s", ", ".join(loaded))
+        if fresh:
+            log.warning(
+                "freshly initialised, not loaded from the encoder's checkpoint: %s",
+                "; ".join(f"{name} ({why})" for name, why in sorted(fresh.items())),
+            )
+
+    def encode_images(self, pixel_values: torch.Tensor | TiledViews) -> torch.Tensor:
+        """(N_images, 3, H, W) -> (N_images, vision_tokens_per_image, llm width); tiled views ->
+        (all their positions, llm width), image after image."""
         return self.project(self.encoder(pixel_values))
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Encoder features (N, rows*cols, D_enc) -> resampled, projected (N, M, D_llm)."""
-        features = self.resampler(features, self.encoder.grid_size)  # (N, M, D_enc')
-        return self.projector(features)
+    def project(self, features: torch.Tensor | TiledViews) -> torch.Tensor:
+        """Encoder features (N, rows*cols, D_enc) -> resampled, projected, laid out (N, M, D_llm)."""
+        if isinstance(features, TiledViews):
+            return self._project_tiled(features)
+        tokens = self.projector(self.resampler(features, self.encoder.grid_size))  # (N, rows*cols, D)
+        if not self.encoder.layout_tokens:
+            return tokens
+        N, _, D = tokens.shape
+        rows = self.projector.close_rows(tokens.view(N, *self.vision_grid, D))  # (N, rows*(cols+1), D)
+        return self.projector.close_image(rows)  # (N, rows*(cols+1) + 1, D)
+
+    def _project_tiled(self, features: TiledViews) -> torch.Tensor:
+        """Per image, as DeepSeek-OCR lays out gundam mode: its tiles joined into one token grid, then
+        the global view, each row closed by a newline, then the separator -> (positions, D_llm)."""
+        tiling = self.encoder.preprocessing.tiling
+        global_tokens = self.projector(self.resampler(features.global_views, self.encoder.grid_size))
+        tile_tokens = self.projector(self.resampler(features.tiles, tiling.tokens_per_tile))
+        D = global_tokens.shape[-1]
+        token_rows, token_cols = tiling.tokens_per_tile
+        layout = self.encoder.layout_tokens
+        close_rows = self.projector.close_rows if layout else lambda grid: grid.flatten(0, 1)
+        images, first_tile = [], 0
+        for image, (rows, cols) in enumerate(features.tile_grids):
+            pieces = []
+            if rows * cols:
+                tiles = tile_tokens[first_tile : first_tile + rows * cols]
+                first_tile += rows * cols
+                # (rows*cols tiles, r*c, D) -> one (rows*r, cols*c, D) grid
+                joined = tiles.view(rows, cols, token_rows, token_cols, D).permute(0, 2, 1, 3, 4)
+                pieces.append(close_rows(joined.reshape(rows * token_rows, cols * token_cols, D)))
+            pieces.append(close_rows(global_tokens[image].view(*self.vision_grid, D)))
+            laid_out = torch.cat(pieces)
+            images.append(self.projector.close_image(laid_out) if layout else laid_out)
+        return torch.cat(images)
 
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | TiledViews | None = None,
         vision: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with every `<image>` position replaced by a vision embedding, in order.
 
-        Pass `pixel_values`, or `vision` (N_images, M, D_llm) when the images are already encoded.
+        Pass `pixel_values`, or `vision` when the images are already encoded: (N_images, M, D_llm), or
+        (positions, D_llm) for tiled views, whose images differ in length.
         """
         embeds = self.llm.embed(input_ids)
         is_placeholder = input_ids == self.tokenizer.image_token_id
@@ -73,20 +149,22 @@ class VisionLanguageModel(nn.Module):
             if num_placeholders:
                 raise PlaceholderCountError(f"{num_placeholders} <image> placeholders but no images")
             return embeds
-        if num_placeholders != vision.shape[0] * vision.shape[1]:
+        images = f"{vision.shape[0]} image(s)" if vision.dim() == 3 else "tiled images"
+        vision = vision.reshape(-1, vision.shape[-1])
+        if num_placeholders != vision.shape[0]:
             raise PlaceholderCountError(
-                f"the token ids hold {num_placeholders} <image> placeholders but the "
-                f"{vision.shape[0]} image(s) give {vision.shape[0] * vision.shape[1]} vision embeddings "
-                f"({self.vision_tokens_per_image} per image)"
+                f"the token ids hold {num_placeholders} <image> placeholders but the {images} give "
+                f"{vision.shape[0]} vision embeddings ({self.vision_tokens_per_image} per "
+                f"{'untiled ' if self.encoder.preprocessing.tiling else ''}image)"
             )
         embeds = embeds.clone()
-        embeds[is_placeholder] = vision.flatten(0, 1).to(embeds.dtype)
+        embeds[is_placeholder] = vision.to(embeds.dtype)
         return embeds
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | TiledViews | None = None,
         attention_mask: torch.Tensor | None = None,
         vision: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""Reading released checkpoints: safetensors shards from a local path or the Hub, loaded strictly."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not match the module: names the missing, unexpected, mis-shaped keys."""
+
+
+def checkpoint_files(source: str) -> list[Path]:
+    """The safetensors files of `source`: a file, a directory (its shard index, else every
+    `*.safetensors` in it) or a Hub id, which is downloaded only when online (or found in the cache)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        path = _download(source)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / shard for shard in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    return files
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"pretrained={repo_id!r} is not a local path and is not in the Hub cache; the Hub is only "
+            f"asked when online (unset HF_HUB_OFFLINE), or point it at a local directory of shards"
+        ) from error
+
+
+def read_tensors(source: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of `source` whose names start with one of `prefixes`, under their checkpoint names."""
+    tensors = {}
+    for file in checkpoint_files(source):
+        with safe_open(str(file), framework="pt") as shard:
+            for name in shard.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name.startswith(prefixes):
+                    tensors[name] = shard.get_tensor(name)
+    return tensors
+
+
+def load_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str, source: str) -> None:
+    """Load `tensors`, named `prefix` + the module's own names, into `module` strictly: any missing,
+    unexpected or mis-shaped key is an error that names it as the checkpoint does."""
+    expected = {prefix + name: value for name, value in module.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(
+        f"{name} (checkpoint {tuple(tensors[name].shape)}, model {tuple(expected[name].shape)})"
+        for name in set(tensors) & set(expected)
+        if tensors[name].shape != expected[name].shape
+    )
+    problems = [
+        f"{label}: {', '.join(names)}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if names
+    ]
+    if problems:
+        raise CheckpointMismatchError(f"{type(module).__name__} cannot load {source}: " + "; ".join(problems))
+    module.load_state_dict({name[len(prefix) :]: value for name, value in tensors.items()}, strict=True)
