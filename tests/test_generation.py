@@ -1,5 +1,6 @@
 import functools
 
+import pytest
 import torch
 
 from vlm.data.processing import pad
@@ -11,13 +12,14 @@ from vlm.models.resamplers import PixelShuffle
 from vlm.models.vlm import VisionLanguageModel
 
 
-def random_vlm() -> VisionLanguageModel:
+def random_vlm(vision_position_stride: int = 1) -> VisionLanguageModel:
     torch.manual_seed(0)
     model = VisionLanguageModel(
         TinyEncoder((32, 64), dim=32, depth=1, heads=2),
         functools.partial(PixelShuffle, factor=2),
         functools.partial(projectors.linear),
         build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
+        vision_position_stride=vision_position_stride,
     )
     for p in model.parameters():  # nanochat zero-inits output projections: make the outputs vary
         torch.nn.init.normal_(p, std=0.3)
@@ -37,8 +39,12 @@ def prompts(model, lengths):
     return seqs, ids, mask
 
 
-def test_cached_and_uncached_decoding_agree():
-    model = random_vlm()
+STRIDES = pytest.mark.parametrize("stride", [1, 4])
+
+
+@STRIDES
+def test_cached_and_uncached_decoding_agree(stride):
+    model = random_vlm(stride)
     _, ids, mask = prompts(model, [3, 7, 5])
     pixels = torch.randn(3, 3, 32, 64)
     cached = generate(model, ids, mask, pixels, max_new_tokens=24, stop_ids=[-1])
@@ -59,8 +65,9 @@ def test_cached_logits_equal_full_forward():
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
-def test_left_padded_batch_decodes_like_each_prompt_alone():
-    model = random_vlm()
+@STRIDES
+def test_left_padded_batch_decodes_like_each_prompt_alone(stride):
+    model = random_vlm(stride)
     seqs, ids, mask = prompts(model, [2, 9])
     pixels = torch.randn(2, 3, 32, 64)
     batched = generate(model, ids, mask, pixels, max_new_tokens=12, stop_ids=[-1])
@@ -106,3 +113,25 @@ def test_sampling_is_reproducible_with_a_generator():
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
+
+
+@STRIDES
+def test_greedy_decoding_matches_the_training_forward(stride):
+    """Generation (left padding, cache) places tokens where training's forward pass does."""
+    model = random_vlm(stride)
+    seqs, ids, mask = prompts(model, [2, 6])
+    pixels = torch.randn(2, 3, 32, 64)
+    generated = generate(model, ids, mask, pixels, max_new_tokens=8, stop_ids=[-1])
+    for i, seq in enumerate(seqs):
+        full = torch.cat([seq, torch.tensor(generated[i])])[None]
+        logits = model(full, pixels[i : i + 1])  # as in training: no mask, no cache
+        assert logits[0, len(seq) - 1 : -1].argmax(-1).tolist() == generated[i]
+
+
+def test_vision_tokens_advance_positions_by_the_stride():
+    model = random_vlm(4)
+    image = model.tokenizer.image_token_id
+    ids = torch.tensor([[0, 0, 7, image, image, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    assert model.position_ids(ids, mask).tolist() == [[0, 0, 0, 1, 5, 9, 10]]
+    assert random_vlm(1).position_ids(ids, mask) is None  # the LLM counts positions itself

@@ -20,6 +20,8 @@ def test_stage_freezes_and_keeps_frozen_parts_in_eval_mode(make_cfg):
     assert module.frozen == ["encoder.stem"]
     assert not any(p.requires_grad for p in module.model.encoder.stem.parameters())
     assert all(p.requires_grad for p in module.model.encoder.blocks.parameters())
+    assert not module.model.encoder.stem.training  # from the start: Lightning keeps modes as found
+    module.eval()
     module.train()
     assert not module.model.encoder.stem.training and module.model.encoder.blocks.training
     aligned = VLMModule(make_cfg("stage=align"))
@@ -44,25 +46,9 @@ def test_bad_stage_module_is_named(make_cfg):
         VLMModule(make_cfg("stage.freeze=[encoder.nope]"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue #2 stays open): in 250 steps the tiny model "
-    "memorises the 16 strings but does not yet read the first characters from the image",
-)
 def test_overfit_reproduces_the_exact_strings(make_cfg):
-    cfg = make_cfg(
-        "debug=overfit",
-        "data.source.max_chars=40",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=20",
-        "trainer.max_steps=250",
-        "trainer.val_check_interval=250",
-        "encoder.dim=96",
-        "llm.n_embd=96",
-        "generation.val_batches=1",
-        "llm.n_head=2",
-        "llm.n_kv_head=2",
-    )
+    """16 samples at the default sizes (the chunk loss off: it is a reading aid, not memory)."""
+    cfg = make_cfg("debug=overfit", "loss.chunk_weight=0", "generation.val_batches=1", tiny=False)
     metrics = train(cfg)
     assert metrics["train/loss"] < 0.05, metrics
     assert metrics["val/exact_match"] == 1.0, metrics

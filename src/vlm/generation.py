@@ -46,7 +46,8 @@ def generate(
     embeds = model.embed_inputs(input_ids, pixel_values)
     mask = attention_mask.long()
     cache = llm.new_kv_cache(batch_size, embeds.shape[1] + max_new_tokens) if use_cache else None
-    logits = llm(embeds, attention_mask=mask, kv_cache=cache)[:, -1]
+    positions = model.position_ids(input_ids, mask)  # None: the LLM counts positions itself
+    logits = llm(embeds, attention_mask=mask, kv_cache=cache, position_ids=positions)[:, -1]
 
     outputs = torch.zeros(batch_size, 0, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
@@ -59,11 +60,14 @@ def generate(
             break
         mask = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
         token_embeds = llm.embed(token[:, None])
+        new_position = None if positions is None else positions[:, -1:] + 1
         if use_cache:
-            logits = llm(token_embeds, attention_mask=mask, kv_cache=cache)[:, -1]
+            logits = llm(token_embeds, attention_mask=mask, kv_cache=cache, position_ids=new_position)[:, -1]
+            positions = new_position
         else:
             embeds = torch.cat([embeds, token_embeds], dim=1)
-            logits = llm(embeds, attention_mask=mask)[:, -1]
+            positions = None if positions is None else torch.cat([positions, new_position], dim=1)
+            logits = llm(embeds, attention_mask=mask, position_ids=positions)[:, -1]
 
     stop_set = set(stop.tolist())
     results = []

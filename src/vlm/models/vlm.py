@@ -35,6 +35,7 @@ class VisionLanguageModel(nn.Module):
         resampler: Callable[..., Resampler],
         projector: Callable[..., nn.Module],
         llm: nn.Module,
+        vision_position_stride: int = 1,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -43,6 +44,9 @@ class VisionLanguageModel(nn.Module):
         projection = projector(in_dim=self.resampler.out_dim, out_dim=llm.hidden_size)
         self.projector = WithLayout(projection, llm.hidden_size) if encoder.layout_tokens else projection
         self.llm = llm
+        if vision_position_stride < 1:
+            raise ValueError(f"model.vision_position_stride must be >= 1, got {vision_position_stride}")
+        self.vision_position_stride = vision_position_stride
         tiling = encoder.preprocessing.tiling
         if (
             tiling is not None
@@ -169,4 +173,16 @@ class VisionLanguageModel(nn.Module):
         vision: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V)."""
-        return self.llm(self.embed_inputs(input_ids, pixel_values, vision), attention_mask=attention_mask)
+        embeds = self.embed_inputs(input_ids, pixel_values, vision)
+        positions = self.position_ids(input_ids, attention_mask)
+        return self.llm(embeds, attention_mask=attention_mask, position_ids=positions)
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """LLM positions (B, T) when vision tokens advance them by `vision_position_stride`, else None
+        (the LLM counts real tokens itself). Padding takes no positions, so left padding shifts none."""
+        if self.vision_position_stride == 1:
+            return None
+        steps = torch.where(input_ids == self.tokenizer.image_token_id, self.vision_position_stride, 1)
+        if attention_mask is not None:
+            steps = steps * attention_mask.long()
+        return steps.cumsum(-1) - steps  # each token sits where the tokens before it end

@@ -17,7 +17,7 @@ from vlm import IGNORE_INDEX
 from vlm.eval.metrics import corpus_cer, exact_match
 from vlm.generation import generate
 from vlm.models.vlm import VisionLanguageModel
-from vlm.training.aux_losses import CTCHead
+from vlm.training.aux_losses import ChunkHead, CTCHead
 from vlm.training.optim import param_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -61,16 +61,22 @@ class VLMModule(L.LightningModule):
             if self.cfg.loss.ctc_weight > 0
             else None
         )
+        self.chunk_head = (
+            ChunkHead(self.model.llm.hidden_size, self.cfg.loss.chunk_tokens, self.model.tokenizer)
+            if self.cfg.loss.chunk_weight > 0
+            else None
+        )
         self.skipped: Counter = Counter()
         self.benchmark = None  # set by train.py / eval.py before testing
         self.eval_output_dir: Path | None = None
         self._val_predictions: list[tuple[str, str]] = []
         self._test_records: list[dict] = []
         self.test_metrics: dict | None = None
+        self.train()  # Lightning keeps each module's mode as it finds it: frozen parts start in eval
 
     # -- stage ----------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> VLMModule:
-        """Frozen modules stay in eval mode (dropout off, norms fixed) whatever Lightning asks."""
+        """Frozen modules stay in eval mode (dropout off, norms fixed) whatever the caller asks."""
         super().train(mode)
         for name in self.frozen:
             self.model.get_submodule(name).eval()
@@ -82,6 +88,8 @@ class VLMModule(L.LightningModule):
         lrs = {p: optim.lr * stage.lr_scale[p] for p in parts}
         if self.ctc_head is not None:
             parts["ctc_head"], lrs["ctc_head"] = self.ctc_head, optim.lr
+        if self.chunk_head is not None:
+            parts["chunk_head"], lrs["chunk_head"] = self.chunk_head, optim.lr
         groups = param_groups(parts, lrs, optim.weight_decay)
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
@@ -93,7 +101,7 @@ class VLMModule(L.LightningModule):
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its parts: next-token cross-entropy on the answer (+ auxiliary CTC)."""
+        """Total loss and its parts: next-token cross-entropy on the answer (+ the auxiliary losses)."""
         input_ids, labels, cfg = batch["input_ids"], batch["labels"], self.cfg.loss
         if self.training and cfg.context_dropout > 0:
             # word dropout (Bowman et al., 2016): hide answer tokens from the decoder's input so it
@@ -108,8 +116,10 @@ class VLMModule(L.LightningModule):
         parts = {"lm": lm}
         if self.ctc_head is not None and features is not None:
             parts["ctc"] = self.ctc_head.loss(features, self.model.encoder.grid_size, batch)
-        total = lm + cfg.ctc_weight * parts["ctc"] if "ctc" in parts else lm
-        return total, parts
+        if self.chunk_head is not None and vision is not None:
+            parts["chunk"] = self.chunk_head.loss(vision, batch)
+        weights = {"lm": 1.0, "ctc": cfg.ctc_weight, "chunk": cfg.chunk_weight}
+        return sum(weights[name] * value for name, value in parts.items()), parts
 
     def _count_skipped(self, batch: dict) -> None:
         self.skipped.update(batch.get("skipped", {}))

@@ -190,11 +190,13 @@ class GPT(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for embeddings (B, T, C).
 
         attention_mask (B, S) covers the cached and the new positions (1 = real token); it is needed
-        only with padding on the left. Positions count real tokens, so left padding does not shift them.
+        only with padding on the left. Positions count real tokens, so left padding does not shift them;
+        `position_ids` (B, T) of the new tokens overrides them.
         """
         B, T, _ = inputs_embeds.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -212,6 +214,8 @@ class GPT(nn.Module):
             # a fully padded query row would give NaNs: let it see itself
             idx = torch.arange(T, device=inputs_embeds.device)
             attn_mask[:, :, idx, past + idx] = True
+        if position_ids is not None:
+            positions = position_ids
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         x = rms_norm(inputs_embeds)
         for block in self.transformer.h:
