@@ -357,7 +357,8 @@ def test_experiment_gives_the_official_composition(make_cfg):
     model = instantiate(cfg.model)
     assert isinstance(model.resampler, Identity) and isinstance(model.projector.layers, torch.nn.Linear)
     assert model.projector.layers.in_features == 64 and model.vision_tokens_per_image == 73
-    assert cfg.loss.ctc_weight == 0 and cfg.optim.lr == 5e-5
+    assert cfg.loss.ctc_weight == 0 and cfg.loss.chunk_weight == 0 and cfg.optim.lr == 5e-5
+    assert model.vision_position_stride == 1
 
 
 def test_tiny_train_step_through_the_cli(tmp_path, data_dir):
