@@ -9,6 +9,14 @@ from torch import nn
 from vlm import IGNORE_INDEX
 
 
+def answer_targets(batch: dict, eos_id: int, loss_name: str) -> list[torch.Tensor]:
+    """Each sample's answer tokens without end-of-sequence, for losses on a single rendered line."""
+    if not bool((batch["images_per_sample"] == 1).all()):
+        raise ValueError(f"{loss_name} > 0 needs exactly one image per sample (rendered-text OCR)")
+    is_answer = (batch["labels"] != IGNORE_INDEX) & (batch["labels"] != eos_id)
+    return [row[mask] for row, mask in zip(batch["labels"], is_answer, strict=True)]
+
+
 class CTCHead(nn.Module):
     """CTC over the encoder's feature columns, read left to right, against the answer's tokens.
 
@@ -33,16 +41,12 @@ class CTCHead(nn.Module):
 
     def loss(self, tokens: torch.Tensor, grid: tuple[int, int], batch: dict) -> torch.Tensor:
         """CTC loss of tokens (B, rows*cols, D) on a (rows, cols) grid against the answers."""
-        if not bool((batch["images_per_sample"] == 1).all()):
-            raise ValueError("loss.ctc_weight > 0 needs exactly one image per sample (rendered-text OCR)")
         rows, cols = grid
         B, _, D = tokens.shape
         columns = tokens.view(B, rows, cols, D).permute(0, 2, 1, 3).reshape(B, cols, rows * D)
         frames = self.proj(columns).view(B, cols * self.frames_per_column, self.vocab_size)
         log_probs = frames.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
-        # targets: the answer without its end-of-sequence token
-        is_answer = (batch["labels"] != IGNORE_INDEX) & (batch["labels"] != self.eos_id)
-        targets = [row[mask] for row, mask in zip(batch["labels"], is_answer, strict=True)]
+        targets = answer_targets(batch, self.eos_id, "loss.ctc_weight")
         target_lengths = torch.tensor([len(t) for t in targets])
         input_lengths = torch.full((B,), log_probs.shape[0], dtype=torch.long)
         return F.ctc_loss(
@@ -68,14 +72,11 @@ class ChunkHead(nn.Module):
 
     def loss(self, vision: torch.Tensor, batch: dict) -> torch.Tensor:
         """Cross-entropy of vision tokens (B, M, D) against the answers, chunk by chunk."""
-        if not bool((batch["images_per_sample"] == 1).all()):
-            raise ValueError("loss.chunk_weight > 0 needs exactly one image per sample (rendered-text OCR)")
+        answers = answer_targets(batch, self.eos_id, "loss.chunk_weight")
         B, M, _ = vision.shape
         slots = M * self.chunk_tokens
         targets = torch.full((B, slots), self.pad_id, dtype=torch.long, device=vision.device)
-        is_answer = (batch["labels"] != IGNORE_INDEX) & (batch["labels"] != self.eos_id)
-        for row, (labels, mask) in enumerate(zip(batch["labels"], is_answer, strict=True)):
-            answer = labels[mask][:slots]
-            targets[row, : len(answer)] = answer
+        for row, answer in enumerate(answers):
+            targets[row, : min(len(answer), slots)] = answer[:slots]
         logits = self.proj(vision).view(B, slots, self.vocab_size)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
