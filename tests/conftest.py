@@ -21,15 +21,7 @@ TINY_DATA = [
     "data.val_samples=16",
     "data.shuffle_buffer=16",
 ]
-TINY_MODEL = [
-    "encoder.dim=64",
-    "encoder.depth=1",
-    "encoder.heads=2",
-    "llm.n_embd=64",
-    "llm.n_layer=2",
-    "llm.n_head=2",
-    "llm.n_kv_head=2",
-]
+TINY_MODEL = ["sizes=tiny"]  # conf/encoder_sizes/<encoder>_tiny.yaml, conf/llm_sizes/<llm>_tiny.yaml
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -59,3 +59,27 @@ def test_ddp_on_cpu_ranks_see_disjoint_samples(tmp_path, data_dir):
     ranks = [json.loads((keys_dir / f"keys_rank{r}.json").read_text()) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 3 * 8
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_sweep_over_encoders_runs_every_job_and_fails_only_the_impossible_one(tmp_path, data_dir):
+    proc = run_cli(
+        "train.py",
+        "-m",
+        "encoder=siglip,blip2,deepencoder",
+        "resampler=identity,pixel_shuffle",
+        "sizes=tiny",
+        "trainer.max_steps=1",
+        "generation.max_new_tokens=4",
+        "logger=csv",
+        f"paths.data_dir={data_dir}",
+        f"hydra.sweep.dir={tmp_path}",
+        *TINY_DATA,
+    )
+    # jobs: 0 siglip+identity, 1 siglip+pixel_shuffle, 2 blip2+identity, 3 blip2+pixel_shuffle, 4, 5 deepencoder
+    for job in (0, 1, 2, 4, 5):
+        assert (tmp_path / str(job) / "eval" / "metrics.json").is_file(), (job, proc.stderr[-3000:])
+    assert not (tmp_path / "3" / "eval").exists()
+    assert proc.returncode != 0  # Hydra runs every job, then reports the failed one
+    assert "overrides: ['encoder=blip2', 'resampler=pixel_shuffle'" in proc.stderr
+    assert "encoder=blip2 (32x32 image -> 32 tokens (no spatial grid) of width 64)" in proc.stderr
+    assert "resampler=pixel_shuffle folds or pools neighbouring patches" in proc.stderr

@@ -353,7 +353,8 @@ def test_stage_trains_the_encoder_or_freezes_sam_and_compressor(make_cfg, stage,
 
 
 def test_experiment_gives_the_official_composition(make_cfg):
-    cfg = make_cfg("experiment=deepseek_ocr", "encoder.mode=tiny", *TINY_OVERRIDES, *TINY_LLM, tiny=False)
+    cfg = make_cfg("experiment=deepseek_ocr", "sizes=tiny", "llm=tiny", tiny=False)
+    assert make_cfg("experiment=deepseek_ocr", tiny=False).llm.option == "llm=nanochat_d20"
     model = instantiate(cfg.model)
     assert isinstance(model.resampler, Identity) and isinstance(model.projector.layers, torch.nn.Linear)
     assert model.projector.layers.in_features == 64 and model.vision_tokens_per_image == 73

@@ -7,7 +7,7 @@ from vlm.models import projectors
 from vlm.models.encoders.tiny import TinyEncoder
 from vlm.models.llms.gpt import build_gpt
 from vlm.models.resamplers import AvgPool, Identity, Perceiver, PixelShuffle
-from vlm.models.vlm import PlaceholderCountError, VisionLanguageModel
+from vlm.models.vlm import CompositionError, PlaceholderCountError, VisionLanguageModel
 
 
 def tiny_vlm(resampler=None) -> VisionLanguageModel:
@@ -90,3 +90,59 @@ def test_gradients_reach_every_part():
         grads = [p.grad for p in getattr(model, part).parameters()]
         if grads:
             assert all(g is not None for g in grads), part
+
+
+@pytest.mark.parametrize(
+    ("grid", "tokens", "out"),
+    [((32, 32), 16, (4, 4)), ((2, 32), 16, (1, 16)), ((16, 16), 64, (8, 8)), ((1, 32), 8, (1, 8))],
+)
+def test_avgpool_to_a_token_count_keeps_the_aspect_ratio(grid, tokens, out):
+    pool = AvgPool(8, tokens=tokens)
+    assert pool.output_grid(grid) == out
+    x = torch.randn(2, grid[0] * grid[1], 8)
+    assert pool(x, grid).shape == (2, tokens, 8)
+
+
+def test_avgpool_averages_neighbourhoods():
+    x = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, one channel
+    out = AvgPool(1, grid=(2, 2))(x, (4, 4))
+    assert out.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # mean of (0,1,4,5), (2,3,6,7), ...
+
+
+def test_avgpool_that_cannot_fit_names_the_numbers():
+    with pytest.raises(ValueError, match=r"cannot pool a 2x2 grid \(4 tokens\) to 3 tokens"):
+        AvgPool(8, tokens=3).output_grid((2, 2))
+    with pytest.raises(ValueError, match="exactly one of `tokens` or `grid`"):
+        AvgPool(8, tokens=4, grid=(2, 2))
+
+
+def test_pixel_shuffle_error_suggests_the_factors_that_divide():
+    with pytest.raises(
+        ValueError, match=r"factor 4 .* 6x12 grid \(choose resampler.factor among 1, 2, 3, 6\)"
+    ):
+        PixelShuffle(8, factor=4).output_grid((6, 12))
+
+
+def test_perceiver_shapes_depth_and_dependence_on_the_input():
+    torch.manual_seed(0)
+    perceiver = Perceiver(32, num_queries=7, depth=3, heads=4)
+    assert len(perceiver.blocks) == 3 and perceiver.output_grid((5, 9)) == (1, 7)
+    x = torch.randn(2, 45, 32)
+    out = perceiver(x, (5, 9))
+    assert out.shape == (2, 7, 32)
+    assert not torch.allclose(out[0], out[1])  # the queries read the tokens
+    assert perceiver(torch.randn(2, 11, 32), (1, 11)).shape == (2, 7, 32)  # any number of input tokens
+
+
+def test_perceiver_heads_must_divide_the_width():
+    with pytest.raises(
+        ValueError, match=r"heads=5 .* width is 32 \(choose resampler.heads among 1, 2, 4, 8, 16, 32\)"
+    ):
+        Perceiver(32, heads=5)
+
+
+def test_composition_error_names_the_encoder_and_its_grid():
+    with pytest.raises(
+        CompositionError, match=r"encoder=tiny \(32x128 image -> 4x16 grid of width 32\) .* factor 3"
+    ):
+        tiny_vlm(functools.partial(PixelShuffle, factor=3))

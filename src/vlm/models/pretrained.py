@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 
@@ -21,8 +22,7 @@ def checkpoint_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
-    if not path.is_dir():
-        path = _download(source)
+    path = checkpoint_dir(source)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -33,17 +33,49 @@ def checkpoint_files(source: str) -> list[Path]:
     return files
 
 
-def _download(repo_id: str) -> Path:
+def checkpoint_dir(source: str) -> Path:
+    """`source` if it is a local directory, else the Hub repo of that id with its safetensors and JSON
+    files (config, shard index), downloaded only when online (or found in the cache)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+        return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
     except LocalEntryNotFoundError as error:
         raise FileNotFoundError(
-            f"pretrained={repo_id!r} is not a local path and is not in the Hub cache; the Hub is only "
-            f"asked when online (unset HF_HUB_OFFLINE), or point it at a local directory of shards"
+            f"pretrained={source!r} is not a local path and is not in the Hub cache; the Hub is only "
+            f"asked when online (unset HF_HUB_OFFLINE), or point it at a local directory"
         ) from error
+
+
+def download_file(repo_id: str, names: tuple[str, ...]) -> Path:
+    """The first of `names` that the Hub repo `repo_id` has, from the cache when offline."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError  # also raised offline for an uncached file
+
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo_id, name))
+        except EntryNotFoundError:
+            continue
+    raise FileNotFoundError(
+        f"pretrained={repo_id!r} is not a local path, and none of {', '.join(names)} is in that Hub repo "
+        f"or, offline (HF_HUB_OFFLINE=1), in the Hub cache; point it at a local file or directory"
+    )
+
+
+def read_checkpoint_file(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one checkpoint file: safetensors, or a torch pickle read weights-only (no code
+    from the file runs)."""
+    if file.suffix == ".safetensors":
+        return load_file(str(file))
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def read_tensors(source: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

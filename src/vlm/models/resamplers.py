@@ -11,16 +11,32 @@ from torch import nn
 Grid = tuple[int, int]
 
 
-class Resampler(nn.Module):
-    """`forward(x (B, rows*cols, in_dim), grid) -> (B, out_rows*out_cols, out_dim)`."""
+def common_divisors(a: int, b: int) -> list[int]:
+    return [d for d in range(1, math.gcd(a, b) + 1) if a % d == 0 and b % d == 0]
 
+
+class Resampler(nn.Module):
+    """`forward(x (B, rows*cols, in_dim), grid) -> (B, out_rows*out_cols, out_dim)`.
+
+    `output_grid` raises a ValueError naming the option and the numbers when the grid does not suit it;
+    `VisionLanguageModel` asks it at construction, so that happens at start-up.
+    """
+
+    option: str = "resampler=?"
     out_dim: int
+    needs_spatial_grid = False  # folds or pools neighbouring patches, so a query set will not do
 
     def output_grid(self, grid: Grid) -> Grid:
         raise NotImplementedError
 
+    def num_tokens(self, grid: Grid) -> int:
+        rows, cols = self.output_grid(grid)
+        return rows * cols
+
 
 class Identity(Resampler):
+    option = "resampler=identity"
+
     def __init__(self, in_dim: int) -> None:
         super().__init__()
         self.out_dim = in_dim
@@ -35,8 +51,13 @@ class Identity(Resampler):
 class PixelShuffle(Resampler):
     """Fold each `factor x factor` neighbourhood into one token: (B, h*w, C) -> (B, h/s * w/s, C*s²)."""
 
+    option = "resampler=pixel_shuffle"
+    needs_spatial_grid = True
+
     def __init__(self, in_dim: int, factor: int = 2) -> None:
         super().__init__()
+        if factor < 1:
+            raise ValueError(f"resampler=pixel_shuffle needs factor >= 1, got {factor}")
         self.factor = factor
         self.out_dim = in_dim * factor * factor
 
@@ -44,8 +65,9 @@ class PixelShuffle(Resampler):
         rows, cols = grid
         if rows % self.factor or cols % self.factor:
             raise ValueError(
-                f"resampler=pixel_shuffle with factor {self.factor} needs a token grid divisible "
-                f"by it, but the encoder gives a {rows}x{cols} grid"
+                f"resampler=pixel_shuffle with factor {self.factor} needs a token grid whose sides it "
+                f"divides, but the encoder gives a {rows}x{cols} grid (choose resampler.factor among "
+                f"{', '.join(map(str, common_divisors(rows, cols)))})"
             )
         return rows // self.factor, cols // self.factor
 
@@ -58,27 +80,42 @@ class PixelShuffle(Resampler):
 
 
 class AvgPool(Resampler):
-    """Average-pool the token grid down to `tokens` (a square grid) or an explicit `grid`."""
+    """Average-pool the token grid down to `tokens` tokens, or to an explicit `grid: [rows, cols]`.
+
+    For `tokens`, the output grid is the factorisation rows x cols = tokens that fits in the input grid
+    and is closest to its aspect ratio (16 tokens: 4x4 from 32x32, 1x16 from 2x32).
+    """
+
+    option = "resampler=avgpool"
+    needs_spatial_grid = True
 
     def __init__(self, in_dim: int, tokens: int | None = None, grid: Grid | None = None) -> None:
         super().__init__()
         if (tokens is None) == (grid is None):
-            raise ValueError("resampler=avgpool needs exactly one of `tokens` or `grid`")
-        if tokens is not None:
-            side = math.isqrt(tokens)
-            if side * side != tokens:
-                raise ValueError(f"resampler=avgpool tokens={tokens} is not a square; give `grid` instead")
-            grid = (side, side)
-        self.target = tuple(grid)
+            raise ValueError(
+                f"resampler=avgpool needs exactly one of `tokens` or `grid`, got tokens={tokens}, grid={grid}"
+            )
+        self.tokens = tokens
+        self.grid = tuple(grid) if grid is not None else None
         self.out_dim = in_dim
 
     def output_grid(self, grid: Grid) -> Grid:
-        if self.target[0] > grid[0] or self.target[1] > grid[1]:
+        rows, cols = grid
+        if self.grid is not None:
+            if self.grid[0] > rows or self.grid[1] > cols:
+                raise ValueError(
+                    f"resampler=avgpool cannot pool a {rows}x{cols} grid up to {self.grid[0]}x{self.grid[1]}"
+                )
+            return self.grid
+        fits = [(r, self.tokens // r) for r in range(1, rows + 1) if self.tokens % r == 0]
+        fits = [(r, c) for r, c in fits if c <= cols]
+        if not fits:
             raise ValueError(
-                f"resampler=avgpool cannot pool a {grid[0]}x{grid[1]} grid up to "
-                f"{self.target[0]}x{self.target[1]}"
+                f"resampler=avgpool cannot pool a {rows}x{cols} grid ({rows * cols} tokens) to "
+                f"{self.tokens} tokens (no rows x cols = {self.tokens} fits in it)"
             )
-        return self.target
+        aspect = math.log(rows / cols)
+        return min(fits, key=lambda rc: abs(math.log(rc[0] / rc[1]) - aspect))
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         B, _, C = x.shape
@@ -100,12 +137,23 @@ class PerceiverBlock(nn.Module):
 
 
 class Perceiver(Resampler):
-    """`num_queries` learned queries cross-attend to the encoder tokens through `depth` blocks."""
+    """`num_queries` learned queries cross-attend to the encoder tokens through `depth` blocks, each
+    cross-attention then an MLP (pre-norm, residual); a final LayerNorm."""
+
+    option = "resampler=perceiver"
 
     def __init__(self, in_dim: int, num_queries: int = 64, depth: int = 2, heads: int = 8) -> None:
         super().__init__()
         if in_dim % heads:
-            raise ValueError(f"resampler=perceiver heads={heads} must divide the encoder width {in_dim}")
+            raise ValueError(
+                f"resampler=perceiver with heads={heads} needs a width it divides, but the encoder's "
+                f"width is {in_dim} (choose resampler.heads among "
+                f"{', '.join(str(h) for h in range(1, 33) if in_dim % h == 0)})"
+            )
+        if num_queries < 1 or depth < 1:
+            raise ValueError(
+                f"resampler=perceiver needs num_queries and depth >= 1, got {num_queries}, {depth}"
+            )
         self.queries = nn.Parameter(torch.randn(1, num_queries, in_dim) * 0.02)
         self.blocks = nn.ModuleList(PerceiverBlock(in_dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(in_dim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -17,6 +18,19 @@ log = logging.getLogger(__name__)
 
 class PlaceholderCountError(ValueError):
     """The token sequence has a different number of `<image>` placeholders than vision embeddings."""
+
+
+class CompositionError(ValueError):
+    """The parts do not fit together (e.g. pixel shuffle on a grid its factor does not divide)."""
+
+
+@contextmanager
+def composition_check(encoder: VisionEncoder):
+    """Re-raise a part's ValueError with the encoder's option, input size, grid and width."""
+    try:
+        yield
+    except ValueError as error:
+        raise CompositionError(f"{encoder.describe()} cannot feed this resampler: {error}") from error
 
 
 class VisionLanguageModel(nn.Module):
@@ -39,25 +53,47 @@ class VisionLanguageModel(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.resampler = resampler(in_dim=encoder.output_dim)
-        self.vision_grid = self.resampler.output_grid(encoder.grid_size)
+        with composition_check(encoder):
+            self.resampler = resampler(in_dim=encoder.output_dim)
+            if self.resampler.needs_spatial_grid and not encoder.spatial:
+                raise ValueError(
+                    f"{self.resampler.option} folds or pools neighbouring patches of a spatial grid, which "
+                    f"this encoder does not give; use resampler=identity, perceiver"
+                )
+            self.vision_grid = self.resampler.output_grid(encoder.grid_size)
+            tiling = encoder.preprocessing.tiling
+            if (
+                tiling is not None
+                and self.resampler.output_grid(tiling.tokens_per_tile) != tiling.tokens_per_tile
+            ):
+                # the data processor counts a tile's placeholders from the encoder's tiling alone
+                raise ValueError(
+                    f"a tiling encoder needs a resampler that keeps a tile's {tiling.tokens_per_tile} "
+                    f"token grid (resampler=identity), but {self.resampler.option} changes it"
+                )
         projection = projector(in_dim=self.resampler.out_dim, out_dim=llm.hidden_size)
         self.projector = WithLayout(projection, llm.hidden_size) if encoder.layout_tokens else projection
         self.llm = llm
         if vision_position_stride < 1:
             raise ValueError(f"model.vision_position_stride must be >= 1, got {vision_position_stride}")
         self.vision_position_stride = vision_position_stride
-        tiling = encoder.preprocessing.tiling
-        if (
-            tiling is not None
-            and self.resampler.output_grid(tiling.tokens_per_tile) != tiling.tokens_per_tile
-        ):
-            # the data processor counts a tile's placeholders from the encoder's tiling alone
-            raise ValueError(
-                f"a tiling encoder needs a resampler that keeps a tile's {tiling.tokens_per_tile} token "
-                f"grid (resampler=identity), but {type(self.resampler).__name__} changes it"
-            )
         self.load_companion_weights(encoder.companion_weights())
+
+    def describe(self) -> str:
+        """What each part makes of an image, for the start-up log."""
+        rows, cols = self.vision_grid
+        resampled = f"{rows}x{cols} grid" if self.encoder.spatial else f"{rows * cols} tokens"
+        extra = (
+            " (with DeepSeek-OCR's row newlines and image separator)" if self.encoder.layout_tokens else ""
+        )
+        return "\n".join(
+            [
+                f"  {self.encoder.describe()}",
+                f"  {self.resampler.option} -> {resampled} of width {self.resampler.out_dim}",
+                f"  projector -> width {self.llm.hidden_size}",
+                f"  = {self.vision_tokens_per_image} vision tokens per image{extra}",
+            ]
+        )
 
     @property
     def tokenizer(self):

@@ -27,6 +27,9 @@ PARTS = ("encoder", "resampler", "projector", "llm")
 def apply_stage(model: VisionLanguageModel, stage: DictConfig) -> list[str]:
     """Freeze what the stage says; return the names of the frozen modules."""
     frozen = [part for part in PARTS if not stage.train[part]]
+    if not model.encoder.trainable and "encoder" not in frozen:
+        log.info("%s stays frozen (encoder.trainable=false)", model.encoder.option)
+        frozen.insert(0, "encoder")
     frozen += list(stage.get("freeze", []))
     if stage.get("freeze_encoder_low_level", False):
         frozen += [f"encoder.{name}" for name in model.encoder.low_level_modules]
@@ -58,7 +61,7 @@ class VLMModule(L.LightningModule):
                 self.model.tokenizer,
                 self.cfg.loss.ctc_frames_per_column,
             )
-            if self.cfg.loss.ctc_weight > 0
+            if self.cfg.loss.ctc_weight > 0 and self._ctc_applies()
             else None
         )
         self.chunk_head = (
@@ -74,6 +77,24 @@ class VLMModule(L.LightningModule):
         self.test_metrics: dict | None = None
         self.train()  # Lightning keeps each module's mode as it finds it: frozen parts start in eval
 
+    def _ctc_applies(self) -> bool:
+        """The CTC loss reads a trainable encoder's grid columns; say so when it cannot apply."""
+        encoder = self.model.encoder
+        why = (
+            "gives no spatial grid"
+            if not encoder.spatial
+            else "is frozen"
+            if "encoder" in self.frozen
+            else "tiles its images"
+            if encoder.preprocessing.tiling is not None
+            else ""
+        )
+        if why:
+            log.warning(
+                "loss.ctc_weight=%s is not applied: %s %s", self.cfg.loss.ctc_weight, encoder.option, why
+            )
+        return not why
+
     # -- stage ----------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> VLMModule:
         """Frozen modules stay in eval mode (dropout off, norms fixed) whatever the caller asks."""
@@ -84,7 +105,7 @@ class VLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         optim, stage = self.cfg.optim, self.cfg.stage
-        parts = {p: getattr(self.model, p) for p in PARTS if stage.train[p]}
+        parts = {p: getattr(self.model, p) for p in PARTS if p not in self.frozen}
         lrs = {p: optim.lr * stage.lr_scale[p] for p in parts}
         if self.ctc_head is not None:
             parts["ctc_head"], lrs["ctc_head"] = self.ctc_head, optim.lr

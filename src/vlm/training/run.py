@@ -71,11 +71,11 @@ def train(cfg: DictConfig) -> dict:
     module = VLMModule(cfg)
     total, trainable = count_parameters(module.model)
     log.info(
-        "model: %.2fM parameters, %.2fM trainable; %d vision tokens per image; frozen: %s",
+        "model: %.2fM parameters, %.2fM trainable; frozen: %s\n%s",
         total / 1e6,
         trainable / 1e6,
-        module.model.vision_tokens_per_image,
         module.frozen or "nothing",
+        module.model.describe(),
     )
     datamodule = build_datamodule(cfg.data, module.model, cfg.max_length)
     trainer = build_trainer(cfg)

@@ -113,9 +113,16 @@ class VisionEncoder(nn.Module):
     A tiling encoder (`preprocessing.tiling` set) takes and returns `TiledViews` instead.
     """
 
+    option: str = "encoder=?"  # how the command line names it, for messages
     output_dim: int
     preprocessing: ImagePreprocessing
     block_classes: tuple[type[nn.Module], ...] = ()
+    # False when the tokens are not a spatial grid (BLIP-2's learned queries): resamplers that fold or
+    # pool neighbouring patches refuse them
+    spatial: bool = True
+    # False for encoders that stay frozen whatever the stage says, unless `encoder.trainable=true`
+    # (BLIP-2, as vision-encoded-nanochat uses it)
+    trainable: bool = True
     # sub-modules that DeepSeek-OCR's stage 2 keeps frozen (DeepEncoder: SAM and the compressor)
     low_level_modules: tuple[str, ...] = ()
     # DeepSeek-OCR's layout: the model appends a learned vector after every row of an image's vision
@@ -131,6 +138,19 @@ class VisionEncoder(nn.Module):
     def num_tokens(self) -> int:
         rows, cols = self.grid_size
         return rows * cols
+
+    def describe(self) -> str:
+        """One line for start-up logs and composition errors: option, input size, token grid, width."""
+        height, width = self.preprocessing.size
+        rows, cols = self.grid_size
+        layout = f"{rows}x{cols} grid" if self.spatial else f"{rows * cols} tokens (no spatial grid)"
+        name = f"{self.option} {self.variant}" if self.variant else self.option
+        return f"{name} ({height}x{width} image -> {layout} of width {self.output_dim})"
+
+    @property
+    def variant(self) -> str:
+        """Which model of the family, for `describe` (e.g. the timm model name)."""
+        return ""
 
     def companion_weights(self) -> dict[str, torch.Tensor]:
         """Weights that the encoder's checkpoint holds for the parts after it (projector, layout

@@ -318,6 +318,7 @@ class DeepEncoder(VisionEncoder):
     large 1280 (20x20), gundam: a 1024 global view plus 640 tiles (`TiledViews`).
     """
 
+    option = "encoder=deepencoder"
     block_classes = (SamBlock, ClipLayer)
     # SAM with its neck and the compressor (net_2, net_3 live in sam_model, as released)
     low_level_modules = ("sam_model",)
@@ -356,6 +357,10 @@ class DeepEncoder(VisionEncoder):
         if pretrained:
             load_strict(self, read_tensors(pretrained, ENCODER_PREFIXES), "model.", pretrained)
             log.info("encoder=deepencoder: SAM and CLIP weights loaded from %s", pretrained)
+
+    @property
+    def variant(self) -> str:
+        return f"mode={self.mode}"
 
     def tokens_per_side(self, size: int) -> int:
         """Tokens along one side of a size x size view: patches, then two stride-2 convolutions."""
