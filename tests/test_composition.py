@@ -1,31 +1,20 @@
 """Every encoder x resampler x projector option composes from the config groups (at test sizes) and
 trains a step; the combinations that cannot work fail at construction, naming options and numbers."""
 
-import io
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.errors import InstantiationException
-from PIL import Image
 
+from tests.steps import make_batch, train_step
 from tests.test_config import options
-from vlm.data.processing import Collator, SampleProcessor
 from vlm.models.vlm import CompositionError
 from vlm.training.module import VLMModule
 
 ENCODERS, RESAMPLERS, PROJECTORS = options("encoder"), options("resampler"), options("projector")
 # BLIP-2's 32 queries are a set, not a grid: nothing to fold or pool spatially
 IMPOSSIBLE = {("blip2", "pixel_shuffle"), ("blip2", "avgpool")}
-
-
-def raw_sample(key: str, answer: str) -> dict:
-    image = Image.new("RGB", (512, 32), "white")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    record = {"prompt": "<image>\nRead the text.", "answers": [answer], "task": "ocr"}
-    return {"__key__": key, "json": json.dumps(record).encode(), "png": buffer.getvalue()}
 
 
 def test_every_option_is_covered():
@@ -50,25 +39,15 @@ def test_combination_trains_one_step(make_cfg, encoder, resampler, projector):
     torch.manual_seed(0)
     module = VLMModule(cfg)
     model = module.model
-    process = SampleProcessor(model.tokenizer, model.encoder.preprocessing, model.vision_tokens_per_image)
-    batch = Collator(model.tokenizer.pad_id)([process(raw_sample(f"s{i}", f"text {i}")) for i in range(2)])
+    batch = make_batch(model, ["text 0", "text 1"])
 
     # the placeholders the data writes are exactly the vision tokens the parts make
     vision = model.encode_images(batch["pixel_values"])
     placeholders = (batch["input_ids"] == model.tokenizer.image_token_id).sum(-1)
     assert vision.shape == (2, model.vision_tokens_per_image, model.llm.hidden_size)
     assert placeholders.tolist() == [model.vision_tokens_per_image] * 2
-
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in trainable]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
-    loss, _ = module.loss(batch)
-    assert torch.isfinite(loss)
-    loss.backward()
-    optimizer.step()
-    # the projector is always trained, and it moved
-    projector = {id(p) for p in model.projector.parameters()}
-    assert any(not torch.equal(p, b) for p, b in zip(trainable, before, strict=True) if id(p) in projector)
+    changed = train_step(module, batch)
+    assert any(name.startswith("projector.") for name in changed)  # always trained, and it moved
     if encoder == "blip2":  # frozen by default, as vision-encoded-nanochat keeps it
         assert "encoder" in module.frozen
         assert not any(p.requires_grad for p in model.encoder.parameters())
@@ -104,8 +83,7 @@ def test_recipe_at_official_sizes_gives_its_token_count(make_cfg, experiment):
 def test_recipe_trains_a_step_at_test_sizes(make_cfg, experiment):
     module = VLMModule(make_cfg(f"experiment={experiment}", "llm=tiny"))
     model = module.model
-    process = SampleProcessor(model.tokenizer, model.encoder.preprocessing, model.vision_tokens_per_image)
-    batch = Collator(model.tokenizer.pad_id)([process(raw_sample(f"s{i}", "words")) for i in range(2)])
+    batch = make_batch(model, ["words", "words"])
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     if experiment == "vision_encoded_nanochat":  # projector-only training
         assert trainable == {"model.projector.weight", "model.projector.bias"}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlm.data.processing import pad
-from vlm.generation import generate
+from vlm.generation import GenerationConfig, ban_repeated_ngrams, generate
 from vlm.models import projectors
 from vlm.models.encoders.tiny import TinyEncoder
 from vlm.models.llms.gpt import build_gpt
@@ -127,3 +127,57 @@ def test_vision_tokens_advance_positions_by_the_stride():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
     assert model.position_ids(ids, mask).tolist() == [[0, 0, 0, 1, 5, 9, 10]]
     assert random_vlm(1).position_ids(ids, mask) is None  # the LLM counts positions itself
+
+
+def looping_vlm() -> VisionLanguageModel:
+    """A model that, greedy, repeats itself: the head favours copying the previous input token."""
+    model = random_vlm()
+    with torch.no_grad():
+        model.llm.transformer.wte.weight.normal_(std=1.0)
+        for block in model.llm.transformer.h:  # blocks off: the logits read the current token alone
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        vocab = model.llm.lm_head.weight.shape[0]
+        cycle = {40 + i: 40 + (i + 1) % 3 for i in range(3)}  # 40 -> 41 -> 42 -> 40 -> ...
+        head = torch.zeros(vocab, vocab)
+        for token, nxt in cycle.items():
+            head[nxt, token] = 10.0
+        for token in range(vocab):
+            if token not in cycle:
+                head[40 + token % 3, token] = 10.0
+            head[(token * 7 + 1) % 256, token] = 5.0  # a runner-up for every token
+        # logits = head @ onehot(current token): lm_head(rms_norm(wte[token])) via a pseudo-inverse
+        embed = torch.nn.functional.rms_norm(model.llm.transformer.wte.weight, (64,))
+        model.llm.lm_head.weight.copy_(head @ torch.linalg.pinv(embed).T)
+    return model
+
+
+def test_no_repeat_ngram_guard_breaks_a_loop():
+    model = looping_vlm()
+    _, ids, mask = prompts(model, [3])
+    pixels = torch.randn(1, 3, 32, 64)
+    free = generate(model, ids, mask, pixels, max_new_tokens=30, stop_ids=[-1])
+    n = 4
+    grams = [tuple(free[0][i : i + n]) for i in range(len(free[0]) - n + 1)]
+    assert len(set(grams)) < len(grams)  # without the guard it loops 40, 41, 42, ...
+    config = GenerationConfig(max_new_tokens=30, stop_ids=[-1], no_repeat_ngram_size=n)
+    guarded = generate(model, ids, mask, pixels, config=config)[0]
+    grams = [tuple(guarded[i : i + n]) for i in range(len(guarded) - n + 1)]
+    assert len(guarded) == 30 and len(set(grams)) == len(grams)  # no 4-gram twice
+
+
+def test_ngram_guard_window_and_exempt_tokens():
+    logits = torch.zeros(1, 10)
+    outputs = torch.tensor([[1, 2, 3, 4, 5, 1, 2]])  # prefix (1, 2) was followed by 3
+    no_exempt = torch.tensor([], dtype=torch.long)
+    banned = ban_repeated_ngrams(logits, outputs, 3, None, no_exempt)
+    assert banned[0, 3] == float("-inf") and torch.isfinite(banned[0, torch.arange(10) != 3]).all()
+    # a window of the last 5 tokens no longer holds (1, 2, 3)
+    assert torch.isfinite(ban_repeated_ngrams(logits, outputs, 3, 5, no_exempt)).all()
+    # an exempt token may repeat
+    assert torch.isfinite(ban_repeated_ngrams(logits, outputs, 3, None, torch.tensor([3]))).all()
+    # per row: the other row's history bans nothing here
+    two = ban_repeated_ngrams(
+        torch.zeros(2, 10), torch.tensor([[1, 2, 3, 1, 2], [5, 6, 7, 8, 9]]), 3, None, no_exempt
+    )
+    assert two[0, 3] == float("-inf") and torch.isfinite(two[1]).all()

@@ -143,15 +143,15 @@ class SampleProcessor:
         return record, images
 
     def encode_prompt(self, prompt: str, num_images: int, placeholders: list[int] | None = None) -> list[int]:
-        """bos + prompt ids, the i-th `<image>` expanded into `placeholders[i]` image tokens
-        (default: `vision_tokens_per_image` each)."""
+        """bos (when the tokenizer has one; Qwen2.5's has none) + prompt ids, the i-th `<image>`
+        expanded into `placeholders[i]` image tokens (default: `vision_tokens_per_image` each)."""
         if num_images and IMAGE_TOKEN not in prompt:
             prompt = IMAGE_TOKEN * num_images + "\n" + prompt
         pieces = self.tokenizer.format_prompt(prompt).split(IMAGE_TOKEN)
         if len(pieces) - 1 != num_images:
             raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} markers for {num_images} image(s)")
         placeholders = placeholders or [self.vision_tokens_per_image] * num_images
-        ids = [self.tokenizer.bos_id]
+        ids = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
         for i, piece in enumerate(pieces):
             if i:
                 ids += [self.tokenizer.image_token_id] * placeholders[i - 1]

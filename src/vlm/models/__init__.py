@@ -5,6 +5,5 @@ def not_yet_available(option: str, issue: int, **official_sizes) -> None:
     """Stand-in target for config options whose implementation lands in a later issue."""
     raise NotImplementedError(
         f"`{option}` is declared (its config shows the official sizes) but not implemented yet; "
-        f"it lands with issue #{issue}. Available now: llm=tiny (add sizes=tiny llm=tiny to run any "
-        f"encoder x resampler x projector composition on CPU)."
+        f"it lands with issue #{issue}."
     )

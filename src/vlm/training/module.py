@@ -15,7 +15,7 @@ from torch import nn
 
 from vlm import IGNORE_INDEX
 from vlm.eval.metrics import corpus_cer, exact_match
-from vlm.generation import generate
+from vlm.generation import GenerationConfig, generate
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.aux_losses import ChunkHead, CTCHead
 from vlm.training.optim import param_groups, warmup_cosine
@@ -164,14 +164,16 @@ class VLMModule(L.LightningModule):
     # -- evaluation -----------------------------------------------------------------------------
     def predict_text(self, batch: dict, max_new_tokens: int) -> list[str]:
         gen = self.cfg.generation
-        ids = generate(
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["pixel_values"],
+        config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             temperature=gen.temperature,
             top_p=gen.top_p,
+            no_repeat_ngram_size=gen.get("no_repeat_ngram_size", 0),
+            ngram_window=gen.get("ngram_window"),
+            ngram_exempt_ids=tuple(gen.get("ngram_exempt_ids") or ()),
+        )
+        ids = generate(
+            self.model, batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], config=config
         )
         return [self.model.tokenizer.decode(row) for row in ids]
 

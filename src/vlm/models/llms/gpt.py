@@ -6,13 +6,16 @@ head, logits soft-capped at 15, grouped KV heads. Parameter names follow nanocha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from vlm.models.llms.lora import apply_lora
 from vlm.models.llms.tokenizer import ByteTokenizer
 
 
@@ -145,11 +148,11 @@ class GPT(nn.Module):
             }
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        head_dim = config.n_embd // config.n_head
-        cos, sin = self._rotary_tables(config.sequence_len * 10, head_dim, config.rotary_base)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_rotary()
         self.reset_parameters()
+        self.checkpointing = False
 
     @property
     def hidden_size(self) -> int:
@@ -161,6 +164,43 @@ class GPT(nn.Module):
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
         # nanochat keeps the tables in bf16; matching its checkpoints needs the same rounding
         return freqs.cos().bfloat16(), freqs.sin().bfloat16()
+
+    def reset_rotary(self) -> None:
+        """(Re)compute the rotary tables, e.g. after building on the meta device and `to_empty`."""
+        c = self.config
+        self.cos, self.sin = self._rotary_tables(c.sequence_len * 10, c.n_embd // c.n_head, c.rotary_base)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in backward instead of keeping them (training only)."""
+        self.checkpointing = enabled
+
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Append rows to the embedding and the head up to `vocab_size`; existing rows stay bit-identical.
+
+        New embedding rows are the mean of the existing ones, new head rows are zeros (as nanochat
+        initialises its head), so a new token starts with logit 0 and changes no other logit.
+        """
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        if vocab_size == old:
+            return
+        wte, head = self.transformer.wte.weight, self.lm_head.weight
+        with torch.no_grad():
+            mean = wte.float().mean(0, keepdim=True).to(wte.dtype).expand(vocab_size - old, -1)
+            new_wte = torch.cat([wte, mean])
+            new_head = torch.cat([head, head.new_zeros(vocab_size - old, head.shape[1])])
+        self.transformer.wte.weight = nn.Parameter(new_wte, requires_grad=wte.requires_grad)
+        self.transformer.wte.num_embeddings = vocab_size
+        self.lm_head.weight = nn.Parameter(new_head, requires_grad=head.requires_grad)
+        self.lm_head.out_features = vocab_size
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Use `tokenizer`, growing the vocabulary (`grow_vocab`) when its ids go beyond it."""
+        if tokenizer.vocab_size > self.config.vocab_size:
+            self.grow_vocab(tokenizer.vocab_size)
+        self.tokenizer = tokenizer
 
     def reset_parameters(self) -> None:
         """nanochat's init: fan-in scaled normals, zero output projections and head."""
@@ -217,9 +257,13 @@ class GPT(nn.Module):
         if position_ids is not None:
             positions = position_ids
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
-        x = rms_norm(inputs_embeds)
+        x = rms_norm(inputs_embeds.to(self.transformer.wte.weight.dtype))  # a bf16 backbone, fp32 inputs
+        recompute = self.checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x, cos, sin, attn_mask, kv_cache)
+            if recompute:
+                x = checkpoint(block, x, cos, sin, attn_mask, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         logits = self.lm_head(rms_norm(x)).float()
@@ -234,8 +278,10 @@ def build_gpt(
     n_head: int = 4,
     n_kv_head: int | None = None,
     n_embd: int = 256,
+    lora: dict | None = None,
 ) -> GPT:
-    """A freshly initialised GPT with the byte tokenizer (Hydra entry point of `llm=tiny`)."""
+    """A freshly initialised GPT with the byte tokenizer (Hydra entry point of `llm=tiny`); `lora`
+    (r > 0): LoRA adapters on the linear layers, the rest frozen (`vlm.models.llms.lora`)."""
     config = GPTConfig(
         sequence_len=sequence_len,
         vocab_size=vocab_size,
@@ -244,4 +290,4 @@ def build_gpt(
         n_kv_head=n_kv_head or n_head,
         n_embd=n_embd,
     )
-    return GPT(config)
+    return apply_lora(GPT(config), lora)

@@ -1,6 +1,14 @@
-"""A tokenizer that needs no files: UTF-8 bytes plus a few special tokens."""
+"""Tokenizers: UTF-8 bytes plus a few special tokens (no files), and nanochat's BPE (tiktoken).
+
+Every tokenizer offers `encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `image_token_id`, `stop_ids`,
+`vocab_size` and `format_prompt`.
+"""
 
 from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, ClassVar
 
 from vlm import IMAGE_TOKEN
 
@@ -29,6 +37,176 @@ class ByteTokenizer:
         """Ids to text; special tokens are dropped, invalid UTF-8 is replaced."""
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end a generated answer."""
+        return [self.eos_id]
+
     def format_prompt(self, user_text: str) -> str:
         """The text the model sees before its answer (chat templates hook in here)."""
         return user_text
+
+
+# nanochat's special tokens, in its order; they sit at the end of its vocabulary
+NANOCHAT_SPECIAL_TOKENS = (
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+)
+# what this framework uses: document start, the chat turn around a prompt and the end of an answer
+NANOCHAT_REQUIRED_TOKENS = NANOCHAT_SPECIAL_TOKENS[:5]
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asks for a class or function that a tiktoken Encoding does not need; nothing was run."""
+
+
+class _EncodingState:
+    """Stands in for `tiktoken.core.Encoding` while unpickling: keeps the pickled state, runs nothing.
+
+    (Encoding's own `__setstate__` would accept a bare name and fetch that registered encoding.)
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """How pickle protocols 0-2 store bytes (`_codecs.encode(text, "latin1")`), and nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(
+            f"_codecs.encode is only allowed as pickle uses it for bytes, not {encoding!r}"
+        )
+    return text.encode("latin1")
+
+
+def _reconstruct(cls: type, base: type, state: Any) -> Any:
+    """`copyreg._reconstructor` (pickle protocols 0-1), for the stand-in class only."""
+    if cls is not _EncodingState or base is not object:
+        raise UnsafePickleError(
+            f"copyreg._reconstructor is only allowed for tiktoken.core.Encoding, not {cls}"
+        )
+    return _EncodingState()
+
+
+class _TiktokenUnpickler(pickle.Unpickler):
+    """Resolves only the globals that a pickled `tiktoken.Encoding` refers to; refuses every other."""
+
+    ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("tiktoken.core", "Encoding"): _EncodingState,
+        ("_codecs", "encode"): _latin1,
+        ("copyreg", "_reconstructor"): _reconstruct,
+        ("builtins", "object"): object,
+    }
+    # protocols 0-2 write Python 2's module names
+    ALLOWED.update({("copy_reg", "_reconstructor"): _reconstruct, ("__builtin__", "object"): object})
+
+    def __init__(self, file, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            allowed = ", ".join(f"{m}.{n}" for m, n in self.ALLOWED)
+            raise UnsafePickleError(
+                f"{self.source} refers to {module}.{name}, which a tiktoken Encoding does not need; "
+                f"refusing to load it (allowed: {allowed})"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"{self.source} holds a persistent id, which a tiktoken Encoding does not")
+
+
+def load_tiktoken_pickle(file: str | Path):
+    """The `tiktoken.Encoding` pickled in `file` (nanochat's `tokenizer.pkl`), unpickled so that no code
+    from the file runs: only Encoding's state (name, split pattern, ranks, special tokens) is read, and
+    the Encoding is built from it here. Anything else in the pickle raises `UnsafePickleError`."""
+    import tiktoken
+
+    with open(file, "rb") as f:
+        loaded = _TiktokenUnpickler(f, str(file)).load()
+    state = getattr(loaded, "state", None) if isinstance(loaded, _EncodingState) else None
+    keys = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
+    if not isinstance(state, dict) or set(state) != keys:
+        got = (
+            sorted(state)
+            if isinstance(state, dict)
+            else type(state if state is not None else loaded).__name__
+        )
+        raise ValueError(f"{file} is not a pickled tiktoken Encoding with {sorted(keys)} (got {got})")
+    ranks, specials = state["mergeable_ranks"], state["special_tokens"]
+    if not (
+        isinstance(state["name"], str)
+        and isinstance(state["pat_str"], str)
+        and isinstance(ranks, dict)
+        and all(isinstance(k, bytes) and type(v) is int for k, v in ranks.items())
+        and isinstance(specials, dict)
+        and all(isinstance(k, str) and type(v) is int for k, v in specials.items())
+    ):
+        raise ValueError(f"{file}: the Encoding's state has unexpected types")
+    return tiktoken.Encoding(
+        state["name"], pat_str=state["pat_str"], mergeable_ranks=ranks, special_tokens=specials
+    )
+
+
+class NanochatTokenizer:
+    """nanochat's BPE tokenizer (a tiktoken Encoding) with `<image>` appended as the last id.
+
+    - `encode(text)`: ordinary text, except that nanochat's special-token strings become their ids (the
+      data code encodes the pieces of `format_prompt`'s output); `<image>` is never produced by it.
+    - `decode(ids)`: special tokens, `<image>` and ids outside the vocabulary are dropped.
+    - bos `<|bos|>` (also the pad id: padding is always masked), eos `<|assistant_end|>`, and
+      `stop_ids` = [`<|assistant_end|>`, `<|bos|>`]; `format_prompt` is nanochat's chat turn
+      `<|user_start|>text<|user_end|><|assistant_start|>` (the processor puts bos in front).
+    """
+
+    def __init__(self, encoding, source: str = "") -> None:
+        self.encoding = encoding
+        self.source = source or encoding.name
+        names = encoding.special_tokens_set
+        missing = [tok for tok in NANOCHAT_REQUIRED_TOKENS if tok not in names]
+        if missing:
+            raise ValueError(f"tokenizer {self.source} lacks nanochat's special tokens {', '.join(missing)}")
+        self.special_ids = {tok: encoding.encode_single_token(tok) for tok in names}
+        self._allowed = frozenset(tok for tok in NANOCHAT_SPECIAL_TOKENS if tok in names)
+        self.bos_id = self.special_ids["<|bos|>"]
+        self.eos_id = self.special_ids["<|assistant_end|>"]
+        self.pad_id = self.bos_id
+        self.image_token_id = encoding.n_vocab  # appended: the model grows a row for it
+        self._skip = {*self.special_ids.values(), self.image_token_id}
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> NanochatTokenizer:
+        """Read `tokenizer.pkl` of a nanochat tokenizer directory (`token_bytes.pt` next to it is only
+        used by nanochat's bits-per-byte evaluation and is not read)."""
+        file = Path(directory) / "tokenizer.pkl"
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.pkl in {directory} (a nanochat tokenizer directory)")
+        return cls(load_tiktoken_pickle(file), str(file))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab + 1
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.eos_id, self.bos_id]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special=self._allowed, disallowed_special=())
+
+    def decode(self, ids: list[int]) -> str:
+        n_vocab = self.encoding.n_vocab
+        kept = [i for i in ids if 0 <= i < n_vocab and i not in self._skip]
+        return self.encoding.decode(kept, errors="replace")
+
+    def format_prompt(self, user_text: str) -> str:
+        return f"<|user_start|>{user_text}<|user_end|><|assistant_start|>"
