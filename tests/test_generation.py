@@ -8,17 +8,28 @@ from vlm.generation import GenerationConfig, ban_repeated_ngrams, generate
 from vlm.models import projectors
 from vlm.models.encoders.tiny import TinyEncoder
 from vlm.models.llms.gpt import build_gpt
+from vlm.models.llms.hf import build_hf_llm
 from vlm.models.resamplers import PixelShuffle
 from vlm.models.vlm import VisionLanguageModel
 
 
-def random_vlm(vision_position_stride: int = 1) -> VisionLanguageModel:
+def tiny_llm(backend: str):
+    """Our nanochat-architecture GPT, or a transformers Llama behind `HFCausalLM`."""
+    if backend == "gpt":
+        return build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    return build_hf_llm(
+        config={**config, "num_attention_heads": 4, "num_key_value_heads": 2}, tokenizer="bytes"
+    )
+
+
+def random_vlm(vision_position_stride: int = 1, backend: str = "gpt") -> VisionLanguageModel:
     torch.manual_seed(0)
     model = VisionLanguageModel(
         TinyEncoder((32, 64), dim=32, depth=1, heads=2),
         functools.partial(PixelShuffle, factor=2),
         functools.partial(projectors.linear),
-        build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
+        tiny_llm(backend),
         vision_position_stride=vision_position_stride,
     )
     for p in model.parameters():  # nanochat zero-inits output projections: make the outputs vary
@@ -30,7 +41,7 @@ def prompts(model, lengths):
     image_id = model.tokenizer.image_token_id
     seqs = [
         torch.tensor(
-            [model.tokenizer.bos_id] + [image_id] * model.vision_tokens_per_image + list(range(40, 40 + n))
+            [model.tokenizer.eos_id] + [image_id] * model.vision_tokens_per_image + list(range(40, 40 + n))
         )
         for n in lengths
     ]
@@ -40,11 +51,13 @@ def prompts(model, lengths):
 
 
 STRIDES = pytest.mark.parametrize("stride", [1, 4])
+BACKENDS = pytest.mark.parametrize("backend", ["gpt", "hf"])
 
 
+@BACKENDS
 @STRIDES
-def test_cached_and_uncached_decoding_agree(stride):
-    model = random_vlm(stride)
+def test_cached_and_uncached_decoding_agree(stride, backend):
+    model = random_vlm(stride, backend)
     _, ids, mask = prompts(model, [3, 7, 5])
     pixels = torch.randn(3, 3, 32, 64)
     cached = generate(model, ids, mask, pixels, max_new_tokens=24, stop_ids=[-1])
@@ -65,11 +78,12 @@ def test_cached_logits_equal_full_forward():
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+@BACKENDS
 @STRIDES
-def test_left_padded_batch_decodes_like_each_prompt_alone_and_like_training(stride):
+def test_left_padded_batch_decodes_like_each_prompt_alone_and_like_training(stride, backend):
     """Generation (left padding, cache) gives each prompt's own tokens, at the positions that
     training's forward pass (no mask, no cache) gives them."""
-    model = random_vlm(stride)
+    model = random_vlm(stride, backend)
     seqs, ids, mask = prompts(model, [2, 9])
     pixels = torch.randn(2, 3, 32, 64)
     batched = generate(model, ids, mask, pixels, max_new_tokens=12, stop_ids=[-1])

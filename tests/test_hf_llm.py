@@ -247,3 +247,23 @@ def test_vlm_with_tiny_hf_llm_trains_a_step(make_cfg, option):
     args = (model, batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], 4)
     cached = generate(*args, stop_ids=[-1])
     assert cached == generate(*args, stop_ids=[-1], use_cache=False)
+
+
+def test_saved_checkpoint_trains_a_step_with_an_encoder(make_cfg, checkpoint):
+    """The checkpoint directory (Llama tied / Qwen2 untied), loaded through the llm config's own
+    path (`llm.pretrained=<dir>`), trains with an encoder; generation is batched and cached."""
+    directory, reference = checkpoint
+    option = "smollm2_135m" if reference.config.model_type == "llama" else "qwen2_5_0_5b"
+    module = VLMModule(
+        make_cfg(f"llm={option}", f"llm.pretrained={directory}", "llm.config=null", "llm.tokenizer=null")
+    )
+    llm = module.model.llm
+    assert llm.model.config.num_hidden_layers == 2 and llm.hidden_size == 64
+    assert torch.equal(
+        llm.model.model.layers[1].mlp.up_proj.weight, reference.model.layers[1].mlp.up_proj.weight
+    )
+    batch = make_batch(module.model, ["ab", "abcabc"])
+    assert any(name.startswith("projector.") for name in train_step(module, batch))
+    module.eval()
+    args = (module.model, batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], 5)
+    assert generate(*args, stop_ids=[-1]) == generate(*args, stop_ids=[-1], use_cache=False)

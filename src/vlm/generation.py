@@ -105,7 +105,7 @@ def generate(
     mask[:, :prompt_len] = attention_mask
     cache = llm.new_kv_cache(batch_size, prompt_len + max_new_tokens) if use_cache else None
     positions = model.position_ids(input_ids, attention_mask.long())  # None: the LLM counts positions
-    logits = llm(embeds, attention_mask=mask[:, :prompt_len], kv_cache=cache, position_ids=positions)[:, -1]
+    logits = llm(embeds, mask[:, :prompt_len], cache, positions, logits_to_keep=1)[:, -1]
 
     outputs = torch.empty(batch_size, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -126,12 +126,12 @@ def generate(
         new_position = None if positions is None else positions[:, -1:] + 1
         seen = mask[:, : prompt_len + steps]
         if use_cache:
-            logits = llm(token_embeds, attention_mask=seen, kv_cache=cache, position_ids=new_position)[:, -1]
+            logits = llm(token_embeds, seen, cache, new_position, logits_to_keep=1)[:, -1]
             positions = new_position
         else:
             embeds = torch.cat([embeds, token_embeds], dim=1)
             positions = None if positions is None else torch.cat([positions, new_position], dim=1)
-            logits = llm(embeds, attention_mask=seen, position_ids=positions)[:, -1]
+            logits = llm(embeds, seen, None, positions, logits_to_keep=1)[:, -1]
 
     stop_set = set(stop.tolist())
     results = []

@@ -71,9 +71,9 @@ def train(cfg: DictConfig) -> dict:
     module = VLMModule(cfg)
     total, trainable = count_parameters(module.model)
     log.info(
-        "model: %.2fM parameters, %.2fM trainable; frozen: %s\n%s",
-        total / 1e6,
-        trainable / 1e6,
+        "model: %s parameters, %s trainable; frozen: %s\n%s",
+        f"{total:,}",
+        f"{trainable:,}",
         module.frozen or "nothing",
         module.model.describe(),
     )

@@ -231,8 +231,10 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for embeddings (B, T, C).
+        """Logits (B, T, V) for embeddings (B, T, C); only the last `logits_to_keep` positions' when > 0
+        (decoding needs the last one, and a prompt's full logits over a large vocabulary cost memory).
 
         attention_mask (B, S) covers the cached and the new positions (1 = real token); it is needed
         only with padding on the left. Positions count real tokens, so left padding does not shift them;
@@ -266,6 +268,8 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, attn_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(rms_norm(x)).float()
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap)

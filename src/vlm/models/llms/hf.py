@@ -243,8 +243,10 @@ class HFCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_cache=None,
         position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Float32 logits (B, T, V) for embeddings (B, T, C).
+        """Float32 logits (B, T, V) for embeddings (B, T, C); only the last `logits_to_keep` positions'
+        when > 0.
 
         attention_mask (B, past + T) covers the cached and the new positions (1 = real token, padding on
         the left). Positions count real tokens, so left padding shifts none; `position_ids` (B, T)
@@ -272,6 +274,7 @@ class HFCausalLM(nn.Module):
             position_ids=position_ids,
             past_key_values=kv_cache,
             use_cache=kv_cache is not None,
+            logits_to_keep=logits_to_keep,
         )
         return out.logits.float()
 
