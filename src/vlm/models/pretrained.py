@@ -33,22 +33,34 @@ def checkpoint_files(source: str) -> list[Path]:
     return files
 
 
-def checkpoint_dir(source: str) -> Path:
-    """`source` if it is a local directory, else the Hub repo of that id with its safetensors and JSON
-    files (config, shard index), downloaded only when online (or found in the cache)."""
+def checkpoint_dir(
+    source: str, patterns: tuple[str, ...] | list[str] = ("*.safetensors", "*.json"), key: str = "pretrained"
+) -> Path:
+    """`source` if it is a local directory; else the Hub repo `owner/name` (or its folder
+    `owner/name/sub/folder`) with the files matching `patterns`, downloaded only when online and
+    read from the Hub cache when offline. `key` names the setting in errors."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise NotADirectoryError(f"{key}={source!r} is a file; point it at the directory that holds it")
+    parts = source.strip("/").split("/")
+    if source.startswith(("/", "~", ".")) or "\\" in source or len(parts) < 2:
+        raise FileNotFoundError(f"{key}={source!r}: no such directory")
+    repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
     try:
-        return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
-    except LocalEntryNotFoundError as error:
+        snapshot = snapshot_download(
+            repo, allow_patterns=[f"{folder}/{p}" if folder else p for p in patterns]
+        )
+    except (LocalEntryNotFoundError, HFValidationError) as error:
         raise FileNotFoundError(
-            f"pretrained={source!r} is not a local path and is not in the Hub cache; the Hub is only "
+            f"{key}={source!r} is not a local directory and is not in the Hub cache; the Hub is only "
             f"asked when online (unset HF_HUB_OFFLINE), or point it at a local directory"
         ) from error
+    return Path(snapshot) / folder
 
 
 def download_file(repo_id: str, names: tuple[str, ...]) -> Path:

@@ -17,7 +17,7 @@ from torch import nn
 
 from vlm import IMAGE_TOKEN
 from vlm.models.llms.lora import apply_lora
-from vlm.models.pretrained import CheckpointMismatchError
+from vlm.models.pretrained import CheckpointMismatchError, checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +142,7 @@ class HFTokenizer:
 def resolve_source(source: str, what: str = "pretrained", option: str | None = None) -> Path:
     """A local directory as is; else the Hub repo of that id (model, config and tokenizer files),
     downloaded only when online or found in the Hub cache."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    where = f"{option}: " if option else ""
-    message = (
-        f"{where}{what}={source!r} is not a local directory and is not in the Hub cache; the Hub is only "
-        f"asked when online (unset HF_HUB_OFFLINE), or point it at a local directory (what "
-        f"save_pretrained writes)"
-    )
-    try:
-        return Path(snapshot_download(source, allow_patterns=HUB_FILES))
-    except LocalEntryNotFoundError as error:
-        raise FileNotFoundError(message) from error
-    except HFValidationError as error:  # a path that does not exist, not a repo id either
-        raise FileNotFoundError(f"{where}{what}={source!r} does not exist") from error
+    return checkpoint_dir(source, HUB_FILES, f"{option}: {what}" if option else what)
 
 
 def load_tokenizer(name: str | None, pretrained_dir: Path | None, option: str | None = None):

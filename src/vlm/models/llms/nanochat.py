@@ -23,7 +23,7 @@ import torch
 from vlm.models.llms.gpt import GPT, GPTConfig
 from vlm.models.llms.lora import apply_lora
 from vlm.models.llms.tokenizer import ByteTokenizer, NanochatTokenizer
-from vlm.models.pretrained import load_strict
+from vlm.models.pretrained import checkpoint_dir, load_strict
 
 log = logging.getLogger(__name__)
 
@@ -32,47 +32,13 @@ COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper puts this in front of 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _looks_local(source: str) -> bool:
-    return source.startswith(("/", "~", ".")) or "\\" in source or source.count("/") == 0
-
-
-def resolve_dir(source: str, patterns: list[str], key: str) -> tuple[Path, tuple[str, str] | None]:
-    """The local directory of `source` and, for a Hub id, (repo id, folder inside it).
-
-    A Hub repo gets only the files matching `patterns` (glob, inside the folder), downloaded when
-    online and taken from the Hub cache when offline.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path, None
-    if path.exists():
-        raise NotADirectoryError(f"{key}={source!r} is a file; point it at the directory that holds it")
-    if _looks_local(source):
-        raise FileNotFoundError(f"{key}={source!r}: no such directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    parts = source.strip("/").split("/")
-    repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
-        snapshot = snapshot_download(
-            repo, allow_patterns=[f"{folder}/{p}" if folder else p for p in patterns]
-        )
-    except (LocalEntryNotFoundError, HFValidationError) as error:
-        raise FileNotFoundError(
-            f"{key}={source!r} is not a local directory and is not in the Hub cache; the Hub is only "
-            f"asked when online (unset HF_HUB_OFFLINE), or point it at a local directory"
-        ) from error
-    return Path(snapshot) / folder, (repo, folder)
-
-
 def read_checkpoint(
     source: str, step: int | None = None, key: str = "llm.checkpoint"
 ) -> tuple[dict[str, torch.Tensor], dict, Path]:
     """(state dict, meta's `model_config`, model file) of a nanochat checkpoint: the latest step in the
     directory, or `step`. The state dict is read weights-only (no code from the file runs), with
     torch.compile's `_orig_mod.` prefix stripped."""
-    directory, hub = resolve_dir(source, ["meta_*.json"], key)
+    directory = checkpoint_dir(source, ["meta_*.json"], key)
     steps = sorted(
         int(m.group(1))
         for f in directory.glob("meta_*.json")
@@ -90,8 +56,8 @@ def read_checkpoint(
         )
     meta_file = directory / f"meta_{step:06d}.json"
     model_file = directory / f"model_{step:06d}.pt"
-    if hub is not None:
-        model_file = _hub_file(hub, model_file.name, source, key)
+    if not Path(source).expanduser().is_dir():  # a Hub repo: fetch the chosen step's weights only
+        model_file = checkpoint_dir(source, [model_file.name], key) / model_file.name
     if not model_file.is_file():
         raise FileNotFoundError(f"{key}={source!r}: {meta_file.name} has no {model_file.name} next to it")
 
@@ -114,23 +80,9 @@ def read_checkpoint(
     return state, {k: int(model_config[k]) for k in MODEL_CONFIG_KEYS}, model_file
 
 
-def _hub_file(hub: tuple[str, str], name: str, source: str, key: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    repo, folder = hub
-    try:
-        return Path(hf_hub_download(repo, name, subfolder=folder or None))
-    except LocalEntryNotFoundError as error:
-        raise FileNotFoundError(
-            f"{key}={source!r}: {name} is not in the Hub cache; the Hub is only asked when online "
-            f"(unset HF_HUB_OFFLINE), or point it at a local directory"
-        ) from error
-
-
 def load_tokenizer(source: str, key: str = "llm.tokenizer") -> NanochatTokenizer:
     """nanochat's tokenizer from a directory with `tokenizer.pkl` or a Hub id."""
-    directory, _ = resolve_dir(source, ["tokenizer.pkl"], key)
+    directory = checkpoint_dir(source, ["tokenizer.pkl"], key)
     return NanochatTokenizer.from_directory(directory)
 
 
