@@ -68,5 +68,5 @@ def test_default_model_builds_and_resampler_options_compose(make_cfg):
 
 
 def test_not_yet_implemented_parts_say_which_issue(make_cfg):
-    with pytest.raises(InstantiationException, match=r"data=docvqa.*issue #6"):
-        instantiate(make_cfg("data=docvqa", tiny=False).data)
+    with pytest.raises(InstantiationException, match=r"benchmark=docvqa.*issue #7"):
+        instantiate(make_cfg("benchmark=docvqa", tiny=False).benchmark)

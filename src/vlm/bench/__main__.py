@@ -1,16 +1,17 @@
-"""python -m vlm.bench generate [--batch 8 --new-tokens 256 ...]"""
+"""python -m vlm.bench generate [--batch 8 --new-tokens 256 ...] | data [--samples 2000] [overrides]"""
 
 import argparse
 
-from vlm.bench import generation
+from vlm.bench import data, generation
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m vlm.bench", description=__doc__)
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
     generation.add_arguments(benchmarks.add_parser("generate", help=generation.__doc__.splitlines()[0]))
+    data.add_arguments(benchmarks.add_parser("data", help=data.__doc__.splitlines()[0]))
     args = parser.parse_args()
-    {"generate": generation.run}[args.benchmark](args)
+    {"generate": generation.run, "data": data.run}[args.benchmark](args)
 
 
 if __name__ == "__main__":

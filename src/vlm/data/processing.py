@@ -9,6 +9,7 @@ import random
 from collections import Counter
 from typing import ClassVar
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -16,11 +17,17 @@ from vlm import IGNORE_INDEX, IMAGE_TOKEN
 from vlm.models.encoders.base import ImagePreprocessing, TiledViews
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
 
 
 class BadSample(ValueError):
-    """A sample that cannot be used; `reason` is the short name it is counted under."""
+    """A sample that cannot be used; `reason` is the short name it is counted under.
+
+    Reasons: `malformed_json` (the .json member does not parse), `malformed_record` (no .json member,
+    or fields missing or of the wrong type), `empty_text` (every answer is empty), `corrupt_image` (the
+    image does not decode), `missing_image` (the prompt has an `<image>` marker the sample has no image
+    for), `too_long`; the readers add `unreadable_tar` and `truncated_tar` (once per shard read).
+    """
 
     def __init__(self, key: str, reason: str, detail: str = "") -> None:
         super().__init__(f"sample {key!r}: {reason}" + (f" ({detail})" if detail else ""))
@@ -31,15 +38,27 @@ class SkipCounter:
     """Bad samples seen by this process since the last drain, by reason.
 
     Each dataloader worker has its own copy; counts ride along with the next good sample to the main
-    process, where the training module adds them up.
+    process, where the training module adds them up. The first few of each reason are logged as
+    warnings, the rest only counted (at debug level), so a badly broken dataset cannot flood the log.
     """
 
     counts: ClassVar[Counter] = Counter()
+    warned: ClassVar[Counter] = Counter()
+    max_warnings: ClassVar[int] = 10
 
     @classmethod
     def add(cls, error: BadSample) -> None:
         cls.counts[error.reason] += 1
-        log.warning("skipped %s", error)
+        cls.warned[error.reason] += 1
+        if cls.warned[error.reason] <= cls.max_warnings:
+            more = (
+                " (further ones are counted without a warning)"
+                if cls.warned[error.reason] == cls.max_warnings
+                else ""
+            )
+            log.warning("skipped %s%s", error, more)
+        else:
+            log.debug("skipped %s", error)
 
     @classmethod
     def drain(cls) -> dict[str, int]:
@@ -82,9 +101,10 @@ class ImageProcessor:
         return torch.stack(tiles), [(rows, cols)]
 
     def normalise(self, image: Image.Image) -> torch.Tensor:
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        pixels = pixels.view(image.height, image.width, 3).permute(2, 0, 1)
-        return (pixels.float() / 255.0 - self.mean) / self.std
+        """RGB image -> contiguous float (3, H, W), normalised (contiguous: batching is then a copy)."""
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) view of HWC bytes
+        x = pixels.to(torch.float32, memory_format=torch.contiguous_format)  # one copy, contiguous
+        return x.div_(255.0).sub_(self.mean).div_(self.std)
 
     def empty(self) -> torch.Tensor | TiledViews:
         """What a sample without images carries."""
@@ -123,14 +143,26 @@ class SampleProcessor:
 
     def decode(self, raw: dict) -> tuple[dict, list[Image.Image]]:
         key = raw.get("__key__", "?")
+        if "json" not in raw:
+            raise BadSample(key, "malformed_record", f"no .json member (members: {sorted(raw)})")
         try:
             record = json.loads(raw["json"])
+        except (ValueError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise BadSample(key, "malformed_json", f"{type(error).__name__}: {error}") from error
+        try:
+            if not isinstance(record, dict):
+                raise TypeError(f"the record is a {type(record).__name__}, not an object")
             answers = record["answers"]
             if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
                 raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
+            if record["prompt"] is None:
+                raise ValueError("prompt is null")
             record["prompt"] = str(record["prompt"])
         except (KeyError, ValueError, TypeError) as error:
-            raise BadSample(key, "malformed_record", str(error)) from error
+            raise BadSample(key, "malformed_record", f"{type(error).__name__}: {error}") from error
+        record["answers"] = [a for a in answers if a.strip()]
+        if not record["answers"]:
+            raise BadSample(key, "empty_text", f"every answer is empty: {answers!r}")
         images = []
         for ext in IMAGE_EXTENSIONS:
             if ext in raw:
@@ -140,6 +172,13 @@ class SampleProcessor:
                 except Exception as error:
                     raise BadSample(key, "corrupt_image", f"{type(error).__name__}: {error}") from error
                 images.append(image)
+        markers = record["prompt"].count(IMAGE_TOKEN)
+        if markers > len(images):
+            raise BadSample(
+                key,
+                "missing_image",
+                f"the prompt has {markers} {IMAGE_TOKEN} marker(s), the sample {len(images)} image(s)",
+            )
         return record, images
 
     def encode_prompt(self, prompt: str, num_images: int, placeholders: list[int] | None = None) -> list[int]:

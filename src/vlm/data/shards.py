@@ -7,11 +7,11 @@ is `<key>.<image_ext>` (the image) and `<key>.json` (everything else).
 from __future__ import annotations
 
 import glob
+import io
 import json
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
-
-import webdataset as wds
 
 INDEX_FILE = "index.json"
 
@@ -35,6 +35,8 @@ def to_tar_entry(sample: dict) -> dict:
 
 def write_shards(samples: Iterable[dict], out_dir: Path, prefix: str, samples_per_shard: int) -> list[str]:
     """Write `prefix-000000.tar`, ... under out_dir; return the shard paths."""
+    import webdataset as wds  # imported when used: it takes a second (torch)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     pattern = str(out_dir / f"{prefix}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as writer:
@@ -43,8 +45,33 @@ def write_shards(samples: Iterable[dict], out_dir: Path, prefix: str, samples_pe
     return sorted(glob.glob(str(out_dir / f"{prefix}-*.tar")))
 
 
+def add_to_tar(tar: tarfile.TarFile, sample: dict) -> None:
+    """Append one sample to an open tar, byte-reproducibly (fixed mtime, owner and mode)."""
+    entry = to_tar_entry(sample)
+    key = entry.pop("__key__")
+    for ext, data in entry.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "vlm"
+        tar.addfile(info, io.BytesIO(data))
+
+
+def tar_keys(path: Path) -> list[str]:
+    """The sample keys in a shard, in order: as webdataset reads them, a member name up to the first
+    dot of its last path component."""
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    keys = []
+    for name in names:
+        folder, slash, base = name.rpartition("/")
+        keys.append(folder + slash + base.split(".", 1)[0])
+    return list(dict.fromkeys(keys))
+
+
 def expand_urls(urls: str | Iterable[str]) -> list[str]:
     """Shard URLs from a glob, a brace pattern (`a-{000..009}.tar`), a `::`-separated string or a list."""
+    import webdataset as wds
+
     items = [urls] if isinstance(urls, str) else list(urls)
     expanded: list[str] = []
     for item in items:

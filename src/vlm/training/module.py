@@ -69,7 +69,8 @@ class VLMModule(L.LightningModule):
             if self.cfg.loss.chunk_weight > 0
             else None
         )
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter()  # bad samples per reason
+        self.sources: Counter = Counter()  # training samples per data source
         self.benchmark = None  # set by train.py / eval.py before testing
         self.eval_output_dir: Path | None = None
         self._val_predictions: list[tuple[str, str]] = []
@@ -143,9 +144,13 @@ class VLMModule(L.LightningModule):
         return sum(weights[name] * value for name, value in parts.items()), parts
 
     def _count_skipped(self, batch: dict) -> None:
+        """Running totals of skipped samples and of samples per data source, summed over ranks."""
         self.skipped.update(batch.get("skipped", {}))
-        if self.skipped:
-            self.log("data/skipped", float(sum(self.skipped.values())), reduce_fx="sum", sync_dist=True)
+        self.sources.update(batch.get("sources", {}))
+        # the same keys on every rank at every step: a synced value logged by one rank only hangs DDP
+        self.log("data/skipped", float(sum(self.skipped.values())), reduce_fx="sum", sync_dist=True)
+        for name, count in sorted(self.sources.items()):
+            self.log(f"data/{name}_samples", float(count), reduce_fx="sum", sync_dist=True)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, parts = self.loss(batch)

@@ -96,6 +96,7 @@ def train(cfg: DictConfig) -> dict:
                 ckpt_path=best or None,
             )
             metrics.update({f"eval/{k}": v for k, v in result.items()})
+            datamodule.log_summary()  # samples read and skipped, with the test split's
     finally:
         close_loggers(trainer)
     return metrics
