@@ -15,14 +15,14 @@ import io
 import statistics
 import tarfile
 import time
-from itertools import islice
+from itertools import cycle, islice
 
 import torch
 from hydra.utils import instantiate
 from PIL import Image
 
 from vlm.config import compose
-from vlm.data.datamodule import _is_local
+from vlm.data.datamodule import is_local
 from vlm.data.processing import IMAGE_EXTENSIONS, ImageProcessor
 from vlm.training.run import build_datamodule
 
@@ -38,7 +38,7 @@ def raw_images(urls: list[str], limit: int):
     """The first `limit` image members of the (local) shards, as bytes."""
     found = 0
     for url in urls:
-        if not _is_local(url):
+        if not is_local(url):
             raise ValueError(f"the raw rate reads local shards only, got {url}")
         with tarfile.open(url.removeprefix("file://")) as tar:
             for member in tar:
@@ -67,8 +67,7 @@ def run(args: argparse.Namespace) -> None:
     images = ImageProcessor(model.encoder.preprocessing)
     urls = datamodule.shards("train")
     wanted = batches * cfg.data.batch_size
-    per_pass = len(list(raw_images(urls, wanted)))  # the shards may hold fewer: read them again
-    encoded = list(raw_images(urls * -(-wanted // max(1, per_pass)), wanted))
+    encoded = list(islice(cycle(list(raw_images(urls, wanted))), wanted))  # the shards may hold fewer
 
     def pipeline_pass() -> float:
         start = time.perf_counter()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from vlm.data.processing import BadSample, Collator, SampleProcessor, SkipCounter
-from vlm.data.shards import INDEX_FILE, expand_urls
+from vlm.data.shards import INDEX_FILE, expand_urls, split_name
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,6 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 
 
 # -- reading shards ---------------------------------------------------------------------------------
-def split_name(name: str) -> tuple[str, str] | None:
-    """`dir/key.ext.more` -> (`dir/key`, `ext.more`), as webdataset groups tar members."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem or base.startswith("__"):
-        return None
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
 def read_shard(url: str, quiet: bool = False) -> Iterator[dict]:
     """Raw samples (`{__key__, __url__, <ext>: bytes}`) of one tar shard, members grouped by key.
 
@@ -92,12 +83,12 @@ def read_shards(urls: Iterable[str], quiet: bool = False) -> Iterator[dict]:
         yield from read_shard(url, quiet)
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return url.startswith("file://") or ("://" not in url and not url.startswith("pipe:"))
 
 
 def _tar_members(url: str) -> Iterator[tarfile.TarInfo]:
-    if _is_local(url):  # random access: headers only, the data is skipped by seeking
+    if is_local(url):  # random access: headers only, the data is skipped by seeking
         with tarfile.open(url.removeprefix("file://")) as tar:
             yield from tar
     else:
@@ -139,7 +130,7 @@ def _shard_entries(shards) -> dict[str, int | None]:
 def index_count(urls: Sequence[str], split: str) -> int | None:
     """Samples in these shards according to an `index.json` next to them or one folder up (as the
     converters write `<root>/<split>/*.tar` + `<root>/index.json`); None when no index says."""
-    local = [url.removeprefix("file://") for url in urls if _is_local(url)]
+    local = [url.removeprefix("file://") for url in urls if is_local(url)]
     if not local or len(local) != len(urls):
         return None
     wanted = {Path(url).name for url in local}
@@ -694,7 +685,7 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self._rank()
         name, _ = self._split_urls(split)
         urls = self.shards(split)
-        count = self.sample_count(split, urls, count=limit is None or all(_is_local(u) for u in urls))
+        count = self.sample_count(split, urls, count=limit is None or all(is_local(u) for u in urls))
         total = count if limit is None else limit if count is None else min(count, limit)
         stream = ShardStream(
             urls,

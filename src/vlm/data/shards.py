@@ -56,16 +56,20 @@ def add_to_tar(tar: tarfile.TarFile, sample: dict) -> None:
         tar.addfile(info, io.BytesIO(data))
 
 
+def split_name(name: str) -> tuple[str, str] | None:
+    """`dir/key.ext.more` -> (`dir/key`, `ext.more`), as webdataset groups tar members."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or base.startswith("__"):
+        return None
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
 def tar_keys(path: Path) -> list[str]:
-    """The sample keys in a shard, in order: as webdataset reads them, a member name up to the first
-    dot of its last path component."""
+    """The sample keys in a shard, in order, as webdataset groups its members (`split_name`)."""
     with tarfile.open(path) as tar:
-        names = tar.getnames()
-    keys = []
-    for name in names:
-        folder, slash, base = name.rpartition("/")
-        keys.append(folder + slash + base.split(".", 1)[0])
-    return list(dict.fromkeys(keys))
+        names = [split_name(info.name) for info in tar if info.isreg()]
+    return list(dict.fromkeys(name[0] for name in names if name is not None))
 
 
 def expand_urls(urls: str | Iterable[str]) -> list[str]:

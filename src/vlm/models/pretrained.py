@@ -11,6 +11,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def weight_dtype(name: str, key: str = "dtype") -> torch.dtype:
+    """`float32` or `bfloat16` (for frozen backbones) as a torch dtype; anything else is an error."""
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"{key} must be one of {', '.join(WEIGHT_DTYPES)}, got {name!r}")
+    return WEIGHT_DTYPES[name]
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not match the module: names the missing, unexpected, mis-shaped keys."""

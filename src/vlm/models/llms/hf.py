@@ -17,11 +17,10 @@ from torch import nn
 
 from vlm import IMAGE_TOKEN
 from vlm.models.llms.lora import apply_lora
-from vlm.models.pretrained import CheckpointMismatchError, checkpoint_dir
+from vlm.models.pretrained import CheckpointMismatchError, checkpoint_dir, weight_dtype
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # files a causal LM and its tokenizer need from a Hub repo (weights, configs, vocab, merges, templates)
 HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 # end-of-turn tokens of common chat templates: a stop token when the template uses it
@@ -315,9 +314,7 @@ def build_hf_llm(
     from omegaconf import DictConfig, OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ValueError(f"llm.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = weight_dtype(dtype, f"{option}: llm.dtype" if option else "llm.dtype")
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
     settings = dict(config or {})

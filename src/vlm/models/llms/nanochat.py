@@ -23,13 +23,12 @@ import torch
 from vlm.models.llms.gpt import GPT, GPTConfig
 from vlm.models.llms.lora import apply_lora
 from vlm.models.llms.tokenizer import ByteTokenizer, NanochatTokenizer
-from vlm.models.pretrained import checkpoint_dir, load_strict
+from vlm.models.pretrained import checkpoint_dir, load_strict, weight_dtype
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper puts this in front of every name
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def read_checkpoint(
@@ -157,8 +156,7 @@ def build_nanochat(
     null: the byte tokenizer (260 ids). `dtype: bfloat16` keeps the weights in bf16 (frozen backbones).
     `lora` (r > 0): LoRA adapters on the linear layers, the rest frozen (`vlm.models.llms.lora`).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"{option}: dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    torch_dtype = weight_dtype(dtype, f"{option}: llm.dtype")
     tok = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
     sizes = {
         "sequence_len": sequence_len,
@@ -174,9 +172,9 @@ def build_nanochat(
                 "the checkpoint's vocabulary (point llm.tokenizer at its tokenizer directory)",
                 option,
             )
-        model = load_checkpoint(checkpoint, step, tok, DTYPES[dtype], config_sizes=sizes)
+        model = load_checkpoint(checkpoint, step, tok, torch_dtype, config_sizes=sizes)
     else:
         config = GPTConfig(vocab_size=max(vocab_size, tok.vocab_size), **sizes)
-        model = GPT(config, tok).to(DTYPES[dtype])
+        model = GPT(config, tok).to(torch_dtype)
     model.set_activation_checkpointing(activation_checkpointing)
     return apply_lora(model, lora)
