@@ -48,6 +48,17 @@ def make_cfg(tmp_path, data_dir):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, data_dir) -> Path:
+    """A tiny model trained for two steps on the built-in data (shared by the evaluation tests)."""
+    from vlm.training.run import train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    overrides = [f"paths.data_dir={data_dir}", f"hydra.run.dir={run}", "logger=csv", *TINY_DATA, *TINY_MODEL]
+    train(compose("train", [*overrides, "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false"]))
+    return next((run / "checkpoints").glob("step*.ckpt"))
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python <args>` in the repo like a user would; fail with its output on a non-zero exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}

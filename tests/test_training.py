@@ -95,8 +95,23 @@ def test_train_then_eval_round_trip(make_cfg, tmp_path):
     ]:
         assert field in written
     assert written["compression_ratio"] == pytest.approx(written["mean_text_tokens"] / 16)
-    lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    lines = (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 8 and {"key", "prediction", "answers", "cer"} <= set(json.loads(lines[0]))
+    generated = json.loads((tmp_path / "eval" / "predictions" / "predictions.json").read_text())
+    assert sorted(generated) == sorted(json.loads(line)["key"] for line in lines)
+    assert "| cer |" in (tmp_path / "eval" / "report.md").read_text()
+
+    # the same predictions scored again without the model give the same numbers
+    rescored = evaluate_checkpoint(
+        make_cfg(
+            f"ckpt_path={best}",
+            "benchmark.limit=8",
+            f"predictions={tmp_path / 'eval' / 'predictions'}",
+            f"hydra.run.dir={tmp_path / 'rescored'}",
+            config="eval",
+        )
+    )
+    assert rescored["cer"] == pytest.approx(result["cer"]) and rescored["predictions"] != "generated"
 
 
 def test_skipped_samples_are_logged(make_cfg, tmp_path):

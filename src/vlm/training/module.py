@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -71,11 +70,12 @@ class VLMModule(L.LightningModule):
         )
         self.skipped: Counter = Counter()  # bad samples per reason
         self.sources: Counter = Counter()  # training samples per data source
-        self.benchmark = None  # set by train.py / eval.py before testing
-        self.eval_output_dir: Path | None = None
+        self.max_new_tokens = self.cfg.generation.max_new_tokens  # the benchmark's, when testing
         self._val_predictions: list[tuple[str, str]] = []
-        self._test_records: list[dict] = []
-        self.test_metrics: dict | None = None
+        self._test_records: dict[str, str] = {}
+        self._test_failures: list[tuple[str, str]] = []
+        self.test_predictions: dict[str, str] = {}  # key -> generated text, after trainer.test
+        self.test_failures: list[tuple[str, str]] = []  # (key, why) of items that could not be read
         self.train()  # Lightning keeps each module's mode as it finds it: frozen parts start in eval
 
     def _ctc_applies(self) -> bool:
@@ -210,23 +210,24 @@ class VLMModule(L.LightningModule):
         )
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        predictions = self.predict_text(batch, self.benchmark.max_new_tokens)
-        for key, prediction, answers in zip(batch["keys"], predictions, batch["answers"], strict=True):
-            self._test_records.append({"key": key, "prediction": prediction, "answers": answers})
+        """Generation for a benchmark (`vlm.eval.runner`): collects {key: text}; scoring is elsewhere."""
+        self._test_failures += batch.get("failed", [])
+        if batch["keys"]:
+            predictions = self.predict_text(batch, self.max_new_tokens)
+            self._test_records.update(zip(batch["keys"], predictions, strict=True))
+
+    def on_test_epoch_start(self) -> None:
+        self._test_records, self._test_failures = {}, []
 
     def on_test_epoch_end(self) -> None:
-        records, self._test_records = self._test_records, []
+        """All ranks' predictions on every rank; the distributed sampler's padding repeats some
+        items, which the dict keyed by item absorbs."""
+        parts = [(self._test_records, self._test_failures)]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        metrics = self.benchmark.score(records, self.model.tokenizer, self.model.vision_tokens_per_image)
-        self.test_metrics = metrics
-        for name, value in metrics.items():
-            if isinstance(value, int | float):
-                self.log(f"eval/{name}", float(value), rank_zero_only=True)
-        if self.eval_output_dir is not None and self.global_rank == 0:
-            self.benchmark.write(self.eval_output_dir, records, metrics)
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (self._test_records, self._test_failures))
+        self.test_predictions = {k: v for records, _ in parts for k, v in records.items()}
+        self.test_failures = list(dict.fromkeys(f for _, failures in parts for f in failures))
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.data.datamodule import ShardDataModule
 from vlm.data.processing import SampleProcessor
-from vlm.eval.benchmarks.synthetic import format_table
+from vlm.eval.runner import run_benchmark
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.module import VLMModule, count_parameters
 
@@ -39,9 +39,9 @@ def build_trainer(cfg: DictConfig, callbacks: bool = True) -> L.Trainer:
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=cbs)
 
 
-def close_loggers(trainer: L.Trainer) -> None:
+def close_loggers(loggers) -> None:
     """Finish W&B runs even after a crash, so one failed job does not break a sweep."""
-    for logger in trainer.loggers:
+    for logger in loggers:
         if isinstance(logger, WandbLogger):
             import wandb
 
@@ -51,18 +51,15 @@ def close_loggers(trainer: L.Trainer) -> None:
 def evaluate(
     trainer: L.Trainer,
     module: VLMModule,
-    datamodule: ShardDataModule,
+    datamodule: ShardDataModule | None,
     benchmark,
     output_dir: Path,
     ckpt_path: str | None = None,
 ) -> dict:
-    """Generate on the benchmark's split, write predictions.jsonl + metrics.json, print a table."""
-    module.benchmark, module.eval_output_dir = benchmark, output_dir
-    trainer.test(module, dataloaders=benchmark.dataloader(datamodule), ckpt_path=ckpt_path, verbose=False)
-    metrics = module.test_metrics
-    if trainer.is_global_zero:
-        print(f"\n{benchmark.name} ({metrics['samples']} samples) -> {output_dir}\n{format_table(metrics)}")
-    return metrics
+    """Generate the benchmark's answers with the model, score them, write the files (vlm.eval.runner)."""
+    return run_benchmark(
+        benchmark, output_dir, trainer=trainer, module=module, datamodule=datamodule, ckpt_path=ckpt_path
+    )
 
 
 def train(cfg: DictConfig) -> dict:
@@ -96,21 +93,46 @@ def train(cfg: DictConfig) -> dict:
                 ckpt_path=best or None,
             )
             metrics.update({f"eval/{k}": v for k, v in result.items()})
-            datamodule.log_summary()  # samples read and skipped, with the test split's
+            datamodule.log_summary()  # samples read and skipped
     finally:
-        close_loggers(trainer)
+        close_loggers(trainer.loggers)
     return metrics
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
-    """eval.py: rebuild the model from the checkpoint's own config and run the benchmark."""
-    if not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a file")
-    module = VLMModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=False)
-    run_cfg = module.cfg
-    datamodule = build_datamodule(run_cfg.data, module.model, run_cfg.max_length)
+    """eval.py: score `predictions=` as they are, or rebuild the model from the checkpoint's own config
+    and generate. With both, the checkpoint only supplies the tokenizer and vision-token count."""
+    predictions, ckpt_path = cfg.get("predictions"), cfg.get("ckpt_path")
+    benchmark = instantiate(cfg.benchmark)
+    output_dir = Path(cfg.paths.output_dir)
+    if not predictions and not ckpt_path:
+        raise ValueError(
+            "eval.py needs ckpt_path=PATH (generate with that model) or predictions=DIR|FILE (score them)"
+        )
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a file")
+    if predictions and not Path(predictions).exists():
+        raise FileNotFoundError(f"predictions={predictions} does not exist")
+    module = datamodule = None
+    if ckpt_path:
+        module = VLMModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+        run_cfg = module.cfg
+        datamodule = build_datamodule(run_cfg.data, module.model, run_cfg.max_length)
+    if predictions:
+        loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+        try:
+            return run_benchmark(
+                benchmark,
+                output_dir,
+                module=module,
+                datamodule=datamodule,
+                predictions_path=predictions,
+                loggers=loggers,
+            )
+        finally:
+            close_loggers(loggers)
     trainer = build_trainer(cfg, callbacks=False)
     try:
-        return evaluate(trainer, module, datamodule, instantiate(cfg.benchmark), Path(cfg.paths.output_dir))
+        return evaluate(trainer, module, datamodule, benchmark, output_dir)
     finally:
-        close_loggers(trainer)
+        close_loggers(trainer.loggers)

@@ -1,61 +1,198 @@
-"""The built-in benchmark: read back held-out rendered text; CER, WER, exact match, compression ratio."""
+"""Built-in benchmarks on rendered text, with exact ground truth and no downloads.
+
+- `benchmark=synthetic`: read back the held-out test split of the run's own data; CER, WER, exact
+  match, text and vision tokens, compression ratio.
+- `benchmark=synthetic_compression`: text of a sweep of lengths rendered into the model's fixed input
+  size (the font shrinks to fit), giving precision versus compression ratio for any checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlm.data import corpus
+from vlm.data.datamodule import read_shards
+from vlm.data.processing import IMAGE_EXTENSIONS
+from vlm.data.render import RenderStyle, TextDoesNotFit, find_font, render
+from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result, curve_plot, empty_for_missing, mean
 from vlm.eval.metrics import cer, corpus_cer, corpus_wer, exact_match
+from vlm.eval.ocr import ocr_scores
+
+
+def _text_tokens(tokenizer, texts: list[str]) -> list[int] | None:
+    return None if tokenizer is None else [len(tokenizer.encode(t)) for t in texts]
 
 
 @dataclass
-class SyntheticBenchmark:
+class SyntheticBenchmark(Benchmark):
     """Generates on a split of the run's own data and scores the text."""
 
     name: str = "synthetic"
     split: str = "test"
-    limit: int | None = None  # samples; None = the whole split
     batch_size: int = 64
     max_new_tokens: int = 96
 
-    def dataloader(self, datamodule):
-        datamodule.eval_batch_size = self.batch_size
-        return datamodule.eval_dataloader(self.split, self.limit)
+    def items(self, context: Context | None = None) -> list[Item]:
+        if context is None or context.datamodule is None:
+            raise ValueError("benchmark=synthetic reads the run's own test split: give ckpt_path=...")
+        datamodule = context.datamodule
+        datamodule.prepare_data()
+        items = []
+        for raw in read_shards(datamodule.shards(self.split)):
+            if self.limit is not None and len(items) >= self.limit:
+                break
+            record = json.loads(raw["json"])
+            image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+            items.append(Item(raw["__key__"], image, record["prompt"], record["answers"]))
+        return items
 
-    def score(self, records: list[dict], tokenizer, vision_tokens_per_image: int) -> dict:
-        if not records:
-            raise ValueError("no predictions to score: the evaluation split is empty")
-        predictions = [r["prediction"] for r in records]
-        references = [r["answers"][0] for r in records]
-        text_tokens = [len(tokenizer.encode(ref)) for ref in references]
-        mean_text_tokens = sum(text_tokens) / len(text_tokens)
-        for record, tokens in zip(records, text_tokens, strict=True):
-            record["text_tokens"] = tokens
-            record["cer"] = cer(record["prediction"], record["answers"][0])
-        return {
-            "benchmark": self.name,
+    def score(self, items: list[Item], predictions: dict[str, str], context: Context) -> Result:
+        predictions, notes = empty_for_missing(items, predictions, "samples")
+        texts = [predictions[item.key] for item in items]
+        references = [item.answers[0] for item in items]
+        tokens = _text_tokens(context.tokenizer, references)
+        samples = [
+            {"key": item.key, "prediction": text, "answers": item.answers, "cer": cer(text, reference)}
+            | ({"text_tokens": tokens[i]} if tokens else {})
+            for i, (item, text, reference) in enumerate(zip(items, texts, references, strict=True))
+        ]
+        metrics = {
             "split": self.split,
-            "samples": len(records),
-            "cer": corpus_cer(predictions, references),
-            "wer": corpus_wer(predictions, references),
-            "exact_match": exact_match(predictions, references),
-            "mean_text_tokens": mean_text_tokens,
-            "vision_tokens_per_image": vision_tokens_per_image,
-            "compression_ratio": mean_text_tokens / vision_tokens_per_image,
+            "samples": len(items),
+            "cer": corpus_cer(texts, references),
+            "wer": corpus_wer(texts, references),
+            "exact_match": exact_match(texts, references),
         }
-
-    def write(self, out_dir: Path, records: list[dict], metrics: dict) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "predictions.jsonl", "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if tokens and context.vision_tokens_per_image:
+            metrics["mean_text_tokens"] = mean(tokens)
+            metrics["vision_tokens_per_image"] = context.vision_tokens_per_image
+            metrics["compression_ratio"] = mean(tokens) / context.vision_tokens_per_image
+        return Result(metrics, samples, notes=notes)
 
 
-def format_table(metrics: dict) -> str:
-    """A two-column text table of the metrics."""
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
-    width = max(len(k) for k, _ in rows)
-    line = "-" * (width + 3 + max(len(v) for _, v in rows))
-    return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
+@dataclass
+class SyntheticCompression(Benchmark):
+    """Precision versus compression on rendered text with exact ground truth.
+
+    For each text length in `lengths` (characters), `samples_per_length` snippets of the corpus's test
+    split are rendered into an image of `image_size` (default: the checkpoint's encoder input), in the
+    largest of `font_sizes` at which the snippet fits. Compression = ground-truth text tokens (the
+    model's tokenizer) / vision tokens per image. Lengths that fit at no font size are reported.
+    """
+
+    name: str = "synthetic_compression"
+    lengths: list[int] = field(default_factory=lambda: [16, 32, 48, 64, 96, 128])
+    samples_per_length: int = 32
+    image_size: list[int] | None = None  # (height, width); None = the encoder's input size
+    font: str = "DejaVuSans"
+    font_sizes: list[int] = field(default_factory=lambda: [15, 14, 13, 12, 11, 10, 9, 8])
+    prompt: str = "<image>\nRead the text."
+    seed: int = 0
+    batch_size: int = 64
+    max_new_tokens: int = 128
+
+    def _size(self, context: Context | None) -> tuple[int, int]:
+        size = self.image_size or (context.image_size if context is not None else None)
+        if size is None:
+            raise ValueError(
+                "benchmark=synthetic_compression needs benchmark.image_size=[H,W] without a checkpoint"
+            )
+        return tuple(size)
+
+    def items(self, context: Context | None = None) -> list[Item]:
+        height, width = self._size(context)
+        font = self.font if find_font(self.font) else None
+        rng = random.Random(self.seed)
+        self.unfit: list[int] = []
+        items = []
+        for length in self.lengths:
+            texts = corpus.snippets("test", self.samples_per_length, max(1, length - 8), length, self.seed)
+            rendered = 0
+            for i, text in enumerate(texts):
+                for size in sorted(self.font_sizes, reverse=True):
+                    style = RenderStyle(font, size, jitter=(rng.randint(0, 2), rng.randint(0, 2)))
+                    try:
+                        image = render(text, (height, width), style)
+                    except TextDoesNotFit:
+                        continue
+                    meta = {"length": length, "font_size": size, "chars": len(text)}
+                    items.append(Item(f"len{length:04d}-{i:04d}", image, self.prompt, [text], meta))
+                    rendered += 1
+                    break
+            if not rendered:
+                self.unfit.append(length)
+        return self.limited(items)
+
+    def write_predictions(self, items: list[Item], predictions: dict[str, str], out_dir: Path) -> Path:
+        path = out_dir / "predictions.jsonl"
+        with open(path, "w") as f:
+            for item in items:
+                if item.key in predictions:
+                    f.write(json.dumps({"key": item.key, "prediction": predictions[item.key]}) + "\n")
+        return path
+
+    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
+        path = path / "predictions.jsonl" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"predictions={path}: no such file")
+        predictions = {}
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    predictions[row["key"]] = str(row["prediction"])
+                except (ValueError, KeyError, TypeError) as error:
+                    raise ValueError(
+                        f"predictions={path} line {number}: expected {{key, prediction}}"
+                    ) from error
+        return predictions
+
+    def score(self, items: list[Item], predictions: dict[str, str], context: Context) -> Result:
+        predictions, notes = empty_for_missing(items, predictions, "samples")
+        if getattr(self, "unfit", None):
+            notes.append(f"lengths {self.unfit} fit the image at no font size in {self.font_sizes}")
+        tokens = _text_tokens(context.tokenizer, [item.answers[0] for item in items])
+        vision = context.vision_tokens_per_image
+        samples = []
+        for i, item in enumerate(items):
+            scores = ocr_scores(predictions[item.key], item.answers[0], "en")
+            row = {
+                "key": item.key,
+                **item.meta,
+                "prediction": predictions[item.key],
+                "answer": item.answers[0],
+            }
+            row |= {"precision": scores["precision"], "one_minus_ned": scores["one_minus_ned"]}
+            row["cer"] = cer(predictions[item.key], item.answers[0])
+            if tokens:
+                row["text_tokens"] = tokens[i]
+            samples.append(row)
+        curve = []
+        for length in dict.fromkeys(item.meta["length"] for item in items):
+            rows = [r for r in samples if r["length"] == length]
+            point = {
+                "length": length,
+                "samples": len(rows),
+                "font_size": mean(r["font_size"] for r in rows),
+                "precision": mean(r["precision"] for r in rows),
+                "one_minus_ned": mean(r["one_minus_ned"] for r in rows),
+                "cer": mean(r["cer"] for r in rows),
+            }
+            if tokens and vision:
+                point["text_tokens"] = mean(r["text_tokens"] for r in rows)
+                point["compression"] = point["text_tokens"] / vision
+            curve.append(point)
+        metrics = {
+            "samples": len(items),
+            "vision_tokens_per_image": vision,
+            "precision": mean(r["precision"] for r in samples),
+            "one_minus_ned": mean(r["one_minus_ned"] for r in samples),
+            "cer": mean(r["cer"] for r in samples),
+        }
+        x = "compression" if tokens and vision else "length"
+        label = "compression (text tokens / vision tokens)" if x == "compression" else "characters"
+        plot = curve_plot(curve, x, ("precision", "one_minus_ned"), label)
+        return Result(metrics, samples, {"curve": curve}, {"precision_vs_compression": plot}, notes)

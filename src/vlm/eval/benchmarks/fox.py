@@ -1,0 +1,166 @@
+"""Fox page OCR (English and Chinese) and DeepSeek-OCR's compression study.
+
+Data (the Fox benchmark release, `focus_benchmark_test/`): `en_page_ocr.json` and `cn_page_ocr.json`,
+entries {"image": "en_1.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
+{"from": "gpt", "value": ground truth}]}, images in `en_pdf_png/` and `cn_pdf_png/`.
+
+Metrics per page (`vlm.eval.ocr`; words by `str.split()`, or jieba when either text has Chinese, as
+the official script decides per page): word precision in both conventions, recall, F1, normalised edit
+distance and 1 - NED, BLEU; means over pages, per language. The compression study bins pages by their
+ground-truth text tokens (bins of `bin_size`, our LLM's tokenizer and optionally another named one) and
+divides by the vision tokens per page from the model config (DeepSeek-OCR, Table 2: English pages of
+600-1300 tokens, 64 and 100 vision tokens).
+
+Prediction format: what the official `eval_tools/eval_ocr_test.py` reads, a JSON list of
+{"image", "lang", "label": ground truth, "answer": prediction}; `fox_predictions.json` in a directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result, curve_plot, empty_for_missing, mean
+from vlm.eval.ocr import ocr_scores
+
+SCORES_VS_COMPRESSION = ("precision", "precision_fox_official", "one_minus_ned")
+SCORES = (
+    "precision", "recall", "f1", "precision_fox_official", "recall_fox_official", "edit_distance", "one_minus_ned",
+    "bleu", "bleu_fox_official",
+)
+
+
+@dataclass
+class Fox(Benchmark):
+    name: str = "fox"
+    data_dir: str = "data/fox/focus_benchmark_test"
+    languages: list[str] = field(default_factory=lambda: ["en", "cn"])
+    prompt: str | None = None  # None = each entry's own request
+    bin_size: int = 100  # text tokens per bin of the compression study
+    compression_languages: list[str] = field(default_factory=lambda: ["en"])  # as DeepSeek-OCR
+    vision_tokens: int | None = None  # per page, for predictions of a model we have no checkpoint of
+    tokenizer: str | None = None  # another tokenizer for the study (a local HF directory or Hub id)
+    batch_size: int = 4
+    max_new_tokens: int = 2048
+
+    def items(self, context: Context | None = None) -> list[Item]:
+        root = Path(self.data_dir)
+        items = []
+        for lang in self.languages:
+            path = root / f"{lang}_page_ocr.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"benchmark=fox: {path} does not exist (benchmark.data_dir={root})")
+            for position, entry in enumerate(json.loads(path.read_text())):
+                try:
+                    turns = {turn["from"]: turn["value"] for turn in entry["conversations"]}
+                    image, request, truth = entry["image"], turns["human"], turns["gpt"]
+                except (KeyError, TypeError) as error:
+                    raise ValueError(f"{path} entry {position}: not a Fox page entry ({error!r})") from error
+                key = f"{lang}/{Path(image).stem}"
+                prompt = self.prompt if self.prompt is not None else request
+                meta = {"lang": lang, "image": image}
+                items.append(Item(key, root / f"{lang}_pdf_png" / image, prompt, [truth], meta))
+        return self.limited(items)
+
+    def write_predictions(self, items: list[Item], predictions: dict[str, str], out_dir: Path) -> Path:
+        path = out_dir / "fox_predictions.json"
+        rows = [
+            {**item.meta, "label": item.answers[0], "answer": predictions[item.key]}
+            for item in items
+            if item.key in predictions
+        ]
+        path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+        return path
+
+    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
+        path = path / "fox_predictions.json" if path.is_dir() else path
+        try:
+            rows = json.loads(path.read_text())
+            return {f"{row['lang']}/{Path(row['image']).stem}": str(row["answer"]) for row in rows}
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"predictions={path}: expected [{{image, lang, label, answer}}, ...] ({error})"
+            ) from error
+
+    def _tokenizers(self, context: Context) -> dict:
+        tokenizers = {}
+        if context.tokenizer is not None:
+            tokenizers["ours"] = context.tokenizer.encode
+        if self.tokenizer:
+            from transformers import AutoTokenizer
+
+            other = AutoTokenizer.from_pretrained(self.tokenizer)
+            tokenizers[self.tokenizer] = lambda text: other.encode(text, add_special_tokens=False)
+        return tokenizers
+
+    def score(self, items: list[Item], predictions: dict[str, str], context: Context) -> Result:
+        predictions, notes = empty_for_missing(items, predictions, "pages")
+        tokenizers = self._tokenizers(context)
+        samples = []
+        for item in items:
+            row = {"key": item.key, "lang": item.meta["lang"]}
+            row |= {
+                k: v
+                for k, v in ocr_scores(predictions[item.key], item.answers[0]).items()
+                if k in SCORES
+            }
+            row |= {
+                f"text_tokens/{name}": len(encode(item.answers[0])) for name, encode in tokenizers.items()
+            }
+            samples.append(row | {"prediction": predictions[item.key], "answer": item.answers[0]})
+        metrics: dict = {"pages": len(items)} | {k: mean(r[k] for r in samples) for k in SCORES}
+        by_lang = defaultdict(list)
+        for row in samples:
+            by_lang[row["lang"]].append(row)
+        tables = {
+            "by_language": [
+                {"lang": lang, "pages": len(rows)} | {k: mean(r[k] for r in rows) for k in SCORES}
+                for lang, rows in by_lang.items()
+            ]
+        }
+        vision = context.vision_tokens_per_image or self.vision_tokens
+        plots = {}
+        if vision is None:
+            notes.append(
+                "no vision-token count (no checkpoint and no benchmark.vision_tokens): compression study skipped"
+            )
+        elif not tokenizers:
+            notes.append("no tokenizer (no checkpoint and no benchmark.tokenizer): compression study skipped")
+        else:
+            metrics["vision_tokens_per_page"] = vision
+            study = [r for r in samples if r["lang"] in self.compression_languages]
+            for name in tokenizers:
+                table = compression_table(study, f"text_tokens/{name}", vision, self.bin_size)
+                tables[f"compression ({name} tokenizer)"] = table
+                plots[f"precision_vs_compression_{name.replace('/', '_')}"] = curve_plot(
+                    table,
+                    "compression",
+                    SCORES_VS_COMPRESSION,
+                    f"compression (text tokens [{name}] / vision tokens)",
+                )
+        return Result(metrics, samples, tables, plots, notes)
+
+
+def compression_table(rows: list[dict], tokens_key: str, vision_tokens: int, bin_size: int) -> list[dict]:
+    """Pages binned by ground-truth text tokens: precision (both conventions) and 1 - NED per bin."""
+    bins = defaultdict(list)
+    for row in rows:
+        bins[row[tokens_key] // bin_size * bin_size].append(row)
+    table = []
+    for start in sorted(bins):
+        members = bins[start]
+        tokens = mean(r[tokens_key] for r in members)
+        table.append(
+            {
+                "text_tokens": f"{start}-{start + bin_size}",
+                "pages": len(members),
+                "vision_tokens": vision_tokens,
+                "compression": tokens / vision_tokens,
+                "precision": mean(r["precision"] for r in members),
+                "precision_fox_official": mean(r["precision_fox_official"] for r in members),
+                "one_minus_ned": mean(r["one_minus_ned"] for r in members),
+            }
+        )
+    return table

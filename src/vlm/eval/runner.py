@@ -1,0 +1,224 @@
+"""Run a benchmark: generate with our model or read existing predictions, score, write, log.
+
+Files written to the output directory:
+- `predictions/` (generation mode): the answers in the benchmark's own format;
+- `metrics.json`: the scores; `samples.jsonl`: one row per item; `report.md`: the tables (also as
+  `tables.json`, {name: rows}, which notebooks/compression.ipynb reads);
+- `plots/*.png`; and, for every configured logger, the scalars under `eval/` (W&B also gets the tables
+  and plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from vlm import IGNORE_INDEX
+from vlm.data.processing import Collator, SampleProcessor
+from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result
+
+log = logging.getLogger(__name__)
+
+
+class GenerationSet(Dataset):
+    """Benchmark items -> prompts for generation (map-style, so Lightning shards it across ranks).
+
+    An item whose image cannot be read does not stop the run: it comes back as `{"key", "error"}`,
+    gets no prediction, and the benchmark's rule for missing predictions applies (reported).
+    """
+
+    def __init__(self, items: list[Item], processor: SampleProcessor) -> None:
+        self.items, self.processor = items, processor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        try:
+            image = item.load_image() if item.image is not None else None
+        except (FileNotFoundError, ValueError) as error:
+            return {"key": item.key, "error": str(error)}
+        processor = self.processor
+        views = processor.images(image)[None] if image is not None else processor.images.empty()
+        prompt_ids = torch.tensor(
+            processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
+        )
+        return {
+            "key": item.key,
+            "input_ids": prompt_ids,
+            "labels": torch.full_like(prompt_ids, IGNORE_INDEX),
+            "prompt_ids": prompt_ids,
+            "pixel_values": views,
+            "answers": item.answers,
+        }
+
+
+class GenerationCollator(Collator):
+    """Batches the readable items; the unreadable ones travel along as `failed` [(key, error)]."""
+
+    def __call__(self, samples: list[dict]) -> dict:
+        good = [s for s in samples if "error" not in s]
+        batch = super().__call__(good) if good else {"keys": []}
+        batch["failed"] = [(s["key"], s["error"]) for s in samples if "error" in s]
+        return batch
+
+
+def generate_predictions(trainer, module, benchmark: Benchmark, items: list[Item], ckpt_path=None) -> dict:
+    """{key: generated text} for every readable item, from all ranks (batched generation)."""
+    model = module.model
+    processor = SampleProcessor(
+        model.tokenizer, model.encoder.preprocessing, model.vision_tokens_per_image, train=False
+    )
+    loader = torch.utils.data.DataLoader(
+        GenerationSet(items, processor),
+        batch_size=benchmark.batch_size,
+        collate_fn=GenerationCollator(model.tokenizer.pad_id),
+        num_workers=min(2, torch.get_num_threads()) if len(items) > benchmark.batch_size else 0,
+    )
+    module.max_new_tokens = benchmark.max_new_tokens
+    trainer.test(module, dataloaders=loader, ckpt_path=ckpt_path, verbose=False)
+    for key, error in module.test_failures:
+        log.warning("item %s gets no prediction: %s", key, error)
+    return module.test_predictions
+
+
+def run_benchmark(
+    benchmark: Benchmark,
+    output_dir: Path,
+    *,
+    trainer=None,
+    module=None,
+    datamodule=None,
+    predictions_path: str | Path | None = None,
+    ckpt_path: str | None = None,
+    loggers=(),
+) -> dict:
+    """Score `benchmark` with the model in `module` (generation) or with `predictions_path`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = module.model if module is not None else None
+    context = Context(
+        tokenizer=model.tokenizer if model is not None else None,
+        vision_tokens_per_image=model.vision_tokens_per_image if model is not None else None,
+        image_size=tuple(model.encoder.preprocessing.size) if model is not None else None,
+        output_dir=output_dir,
+        datamodule=datamodule,
+    )
+    items = benchmark.items(context)
+    if not items:
+        raise ValueError(f"benchmark={benchmark.name} has no items to evaluate")
+    if predictions_path is not None:
+        predictions = benchmark.read_predictions(Path(predictions_path), items)
+        source = str(predictions_path)
+    else:
+        if module is None or trainer is None:
+            raise ValueError("eval.py needs ckpt_path=... (generate) or predictions=... (score them)")
+        predictions = generate_predictions(trainer, module, benchmark, items, ckpt_path)
+        if trainer.is_global_zero:
+            written = benchmark.write_predictions(items, predictions, _mkdir(output_dir / "predictions"))
+            log.info("predictions written to %s", written)
+        source = "generated"
+    if trainer is not None and not trainer.is_global_zero:
+        return {}
+    result = benchmark.score(items, predictions, context)
+    result.metrics = {"benchmark": benchmark.name, "predictions": source, **result.metrics}
+    write_result(result, output_dir, benchmark.name)
+    log_result(result, loggers or (trainer.loggers if trainer is not None else ()), output_dir)
+    print(f"\n{benchmark.name} -> {output_dir}\n{format_table(scalars(result.metrics))}")
+    for note in result.notes:
+        print(f"NOTE: {note}")
+    return result.metrics
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+def scalars(metrics: dict, prefix: str = "") -> dict[str, float | int | str]:
+    """Nested metrics flattened to `a/b` names (numbers and strings only)."""
+    flat: dict = {}
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(scalars(value, f"{prefix}{name}/"))
+        elif isinstance(value, bool | int | float | str):
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def format_table(metrics: dict) -> str:
+    """A two-column text table of the metrics."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(empty)\n"
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else f"{value:.4f}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_result(result: Result, output_dir: Path, name: str) -> None:
+    (output_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False))
+    (output_dir / "tables.json").write_text(json.dumps(result.tables, indent=1, ensure_ascii=False))
+    with open(output_dir / "samples.jsonl", "w") as f:
+        for row in result.samples:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    plots = {}
+    if result.plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for plot_name, make in result.plots.items():
+            path = _mkdir(output_dir / "plots") / f"{plot_name}.png"
+            make(path)
+            plt.close("all")
+            plots[plot_name] = path
+    report = [f"# {name}\n"]
+    report += [f"> **Note:** {note}\n" for note in result.notes]
+    report += [
+        "## Metrics\n",
+        markdown_table([{"metric": k, "value": v} for k, v in scalars(result.metrics).items()]),
+    ]
+    for table_name, rows in result.tables.items():
+        report += [f"## {table_name}\n", markdown_table(rows)]
+    report += [f"## {plot_name}\n\n![{plot_name}](plots/{path.name})\n" for plot_name, path in plots.items()]
+    (output_dir / "report.md").write_text("\n".join(report))
+
+
+def log_result(result: Result, loggers, output_dir: Path) -> None:
+    """Scalars to every logger under eval/; tables and plots to W&B."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    numbers = {f"eval/{k}": float(v) for k, v in scalars(result.metrics).items() if not isinstance(v, str)}
+    for logger in loggers:
+        logger.log_metrics(numbers)
+        if isinstance(logger, WandbLogger):
+            for table_name, rows in result.tables.items():
+                if rows:
+                    columns = list(dict.fromkeys(c for row in rows for c in row))
+                    data = [[row.get(c) for c in columns] for row in rows]
+                    logger.log_table(key=f"eval/{table_name}", columns=columns, data=data)
+            for path in sorted((output_dir / "plots").glob("*.png")):
+                logger.log_image(key=f"eval/{path.stem}", images=[str(path)])
+        logger.save()

@@ -1,0 +1,253 @@
+"""eval.py's benchmarks end to end: both modes (generate with a checkpoint, score given predictions),
+the benchmarks' own prediction formats, the written files, and missing or unreadable items."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.test_prepare import QUIET, make_coco, make_docvqa_release
+from vlm.config import compose
+from vlm.data.render import RenderStyle, render
+from vlm.data.sources.coco import prepare_coco
+from vlm.data.sources.docvqa import prepare_docvqa
+from vlm.training.run import evaluate_checkpoint
+
+
+def run_eval(out: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path]:
+    cfg = compose("eval", [f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", "logger=csv", *overrides])
+    return evaluate_checkpoint(cfg), out
+
+
+def test_eval_needs_a_checkpoint_or_predictions(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"ckpt_path=PATH .* or predictions=DIR\|FILE"):
+        run_eval(tmp_path, data_dir)
+    with pytest.raises(FileNotFoundError, match="predictions=.*nothing-here"):
+        run_eval(tmp_path, data_dir, f"predictions={tmp_path / 'nothing-here'}")
+
+
+def test_synthetic_compression_writes_the_curve_in_both_modes(tiny_checkpoint, data_dir, tmp_path):
+    sweep = [
+        "benchmark=synthetic_compression",
+        "benchmark.lengths=[16,48,96]",
+        "benchmark.samples_per_length=3",
+    ]
+    metrics, out = run_eval(tmp_path / "gen", data_dir, f"ckpt_path={tiny_checkpoint}", *sweep)
+    curve = json.loads((out / "tables.json").read_text())["curve"]
+    assert [point["length"] for point in curve] == [16, 48, 96] and all(p["samples"] == 3 for p in curve)
+    assert metrics["vision_tokens_per_image"] == 16
+    for point in curve:  # compression = ground-truth tokens / vision tokens, growing with the text
+        assert point["compression"] == pytest.approx(point["text_tokens"] / 16)
+    assert curve[0]["compression"] < curve[1]["compression"] < curve[2]["compression"]
+    assert curve[2]["font_size"] < curve[0]["font_size"]  # longer text needs a smaller font to fit
+    assert (out / "plots" / "precision_vs_compression.png").stat().st_size > 1000
+    assert "## curve" in (out / "report.md").read_text()
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 9
+
+    # scoring the written predictions again (here without the model: no tokens, curve over lengths)
+    rescored, out2 = run_eval(
+        tmp_path / "score",
+        data_dir,
+        f"predictions={out / 'predictions'}",
+        *sweep,
+        "benchmark.image_size=[32,512]",
+    )
+    assert rescored["precision"] == pytest.approx(metrics["precision"])
+    assert rescored["cer"] == pytest.approx(metrics["cer"])
+    assert "compression" not in json.loads((out2 / "tables.json").read_text())["curve"][0]
+
+
+# ------------------------------------------------------------------------------------------ DocVQA
+@pytest.fixture
+def docvqa_shards(tmp_path) -> Path:
+    make_docvqa_release(tmp_path / "raw")
+    splits = {"val": tmp_path / "raw" / "train_v1.0.json", "test": tmp_path / "raw" / "test_v1.0.json"}
+    prepare_docvqa(tmp_path / "docvqa", splits, samples_per_shard=2, **QUIET)
+    return tmp_path / "docvqa"
+
+
+def test_docvqa_anls_from_a_submission_file_and_missing_answers_count_empty(
+    docvqa_shards, data_dir, tmp_path
+):
+    # val = the fixture's 3 good questions: 3 -> ["$1.00", "1 dollars"], 57 -> ["$0.00", "0 dollars"],
+    # 1200 -> ["$2.00", "2 dollars"]
+    submission = tmp_path / "submission.json"
+    submission.write_text(
+        json.dumps([{"questionId": 3, "answer": "$1.00"}, {"questionId": 57, "answer": "0  Dollars"}])
+    )
+    urls = f"benchmark.urls={docvqa_shards}/val/*.tar"
+    metrics, out = run_eval(
+        tmp_path / "eval", data_dir, "benchmark=docvqa", urls, f"predictions={submission}"
+    )
+    # q3 exact: 1; q57 after lowercasing and whitespace collapsing equal: 1; q1200 missing -> "": 0
+    assert metrics["anls"] == pytest.approx(2 / 3) and metrics["questions"] == 3
+    assert (
+        "1 of 3 questions have no prediction and count as empty: docvqa-1200"
+        in (out / "report.md").read_text()
+    )
+    by_key = {
+        json.loads(line)["key"]: json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()
+    }
+    assert by_key["docvqa-1200"]["anls"] == 0.0 and by_key["docvqa-3"]["anls"] == 1.0
+
+
+def test_docvqa_generation_writes_the_official_submission(tiny_checkpoint, docvqa_shards, data_dir, tmp_path):
+    for split, ids in (("val", [3, 57, 1200]), ("test", [5])):
+        metrics, out = run_eval(
+            tmp_path / split,
+            data_dir,
+            "benchmark=docvqa",
+            f"benchmark.urls={docvqa_shards}/{split}/*.tar",
+            f"ckpt_path={tiny_checkpoint}",
+            "benchmark.max_new_tokens=4",
+        )
+        rows = json.loads((out / "predictions" / "submission.json").read_text())
+        assert [row["questionId"] for row in rows] == ids and all(isinstance(r["answer"], str) for r in rows)
+        assert ("anls" in metrics) == (split == "val")  # the test split has no answers to score
+
+
+# ------------------------------------------------------------------------------------------ COCO
+def test_coco_captions_from_a_results_file_and_by_generation(tiny_checkpoint, data_dir, tmp_path):
+    make_coco(tmp_path / "raw")
+    prepare_coco(tmp_path / "coco", root=tmp_path / "raw", samples_per_shard=3, **QUIET)
+    urls = f"benchmark.urls={tmp_path}/coco/val/*.tar"
+    # the two val images (ids 1014 and 1007) have captions "A photo number {i}, caption {c}."
+    perfect = [
+        {"image_id": 1014, "caption": "A photo number 0, caption 1."},
+        {"image_id": 1007, "caption": "a photo number 1 caption 2"},
+    ]
+    (tmp_path / "perfect.json").write_text(json.dumps(perfect))
+    metrics, out = run_eval(
+        tmp_path / "perfect", data_dir, "benchmark=coco", urls, f"predictions={tmp_path / 'perfect.json'}"
+    )
+    assert metrics["images"] == 2
+    assert metrics["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and metrics["ROUGE-L"] == pytest.approx(1.0)
+    assert "tokenisation" in (out / "report.md").read_text()
+    wrong = [{"image_id": 1014, "caption": "a dog on a sofa"}, *perfect[1:]]
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    worse, _ = run_eval(
+        tmp_path / "wrong", data_dir, "benchmark=coco", urls, f"predictions={tmp_path / 'wrong.json'}"
+    )
+    assert worse["BLEU-1"] < metrics["BLEU-1"] and worse["CIDEr-D"] < metrics["CIDEr-D"]
+
+    generated, out = run_eval(
+        tmp_path / "gen",
+        data_dir,
+        "benchmark=coco",
+        urls,
+        f"ckpt_path={tiny_checkpoint}",
+        "benchmark.max_new_tokens=4",
+    )
+    rows = json.loads((out / "predictions" / "captions_results.json").read_text())
+    assert sorted(row["image_id"] for row in rows) == [1007, 1014] and generated["images"] == 2
+
+
+# ------------------------------------------------------------------------------------------ Fox
+PAGES = {
+    "en": [
+        "the quick brown fox jumps over the lazy dog " * 3,
+        "pack my box with five dozen liquor jugs",
+        "hello world",
+    ],
+    "cn": ["今天天气很好我们去公园散步"],
+}
+
+
+def make_fox(root: Path) -> Path:
+    """focus_benchmark_test/{en,cn}_page_ocr.json + {en,cn}_pdf_png/, as the Fox release lays it out."""
+    for lang, texts in PAGES.items():
+        (root / f"{lang}_pdf_png").mkdir(parents=True)
+        entries = []
+        for i, text in enumerate(texts, 1):
+            render(text[:60], (64, 512), RenderStyle(None, 12)).save(
+                root / f"{lang}_pdf_png" / f"{lang}_{i}.png"
+            )
+            human = "<image>\nOCR this image: " if lang == "en" else "<image>\n对图片进行OCR："
+            entries.append(
+                {
+                    "image": f"{lang}_{i}.png",
+                    "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": text}],
+                }
+            )
+        (root / f"{lang}_page_ocr.json").write_text(json.dumps(entries, ensure_ascii=False))
+    return root
+
+
+def test_fox_official_prediction_format_languages_and_compression(tiny_checkpoint, data_dir, tmp_path):
+    root = make_fox(tmp_path / "focus_benchmark_test")
+    predictions = [
+        {"image": "en_1.png", "lang": "en", "label": PAGES["en"][0], "answer": PAGES["en"][0]},
+        {"image": "en_2.png", "lang": "en", "label": PAGES["en"][1], "answer": "pack my box"},
+        {"image": "cn_1.png", "lang": "cn", "label": PAGES["cn"][0], "answer": PAGES["cn"][0]},
+    ]  # en_3 has none: counts as empty
+    (tmp_path / "fox.json").write_text(json.dumps(predictions, ensure_ascii=False))
+    data = f"benchmark.data_dir={root}"
+    metrics, out = run_eval(
+        tmp_path / "score", data_dir, "benchmark=fox", data, f"predictions={tmp_path / 'fox.json'}"
+    )
+    tables = json.loads((out / "tables.json").read_text())
+    langs = {row["lang"]: row for row in tables["by_language"]}
+    assert langs["en"]["pages"] == 3 and langs["cn"]["pages"] == 1 and langs["cn"]["precision"] == 1.0
+    # en: page 1 perfect; page 2 has 3 of 8 words, all right: precision 1, recall 3/8; page 3 empty: 0, 0
+    assert langs["en"]["precision"] == pytest.approx(2 / 3) and langs["en"]["recall"] == pytest.approx(
+        (1 + 3 / 8) / 3
+    )
+    assert langs["en"]["precision_fox_official"] == pytest.approx(langs["en"]["recall"])
+    assert "en/en_3" in (out / "report.md").read_text()
+    assert not any(name.startswith("compression") for name in tables)  # no vision tokens, no tokenizer
+
+    # with the model: generation, its tokenizer and vision tokens give the compression study
+    metrics, out = run_eval(
+        tmp_path / "gen",
+        data_dir,
+        "benchmark=fox",
+        data,
+        f"ckpt_path={tiny_checkpoint}",
+        "benchmark.max_new_tokens=4",
+    )
+    written = json.loads((out / "predictions" / "fox_predictions.json").read_text())
+    assert {(r["lang"], r["image"]) for r in written} == {
+        ("en", "en_1.png"),
+        ("en", "en_2.png"),
+        ("en", "en_3.png"),
+        ("cn", "cn_1.png"),
+    }
+    assert all(r["label"] in PAGES[r["lang"]] for r in written)
+    study = json.loads((out / "tables.json").read_text())["compression (ours tokenizer)"]
+    assert sum(row["pages"] for row in study) == 3  # English pages only, as DeepSeek-OCR
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for row in study:
+        start, end = map(int, row["text_tokens"].split("-"))
+        members = [
+            s["text_tokens/ours"]
+            for s in samples
+            if s["lang"] == "en" and start <= s["text_tokens/ours"] < end
+        ]
+        assert row["pages"] == len(members) and row["compression"] == pytest.approx(
+            sum(members) / len(members) / 16
+        )
+    assert list((out / "plots").glob("precision_vs_compression_*.png"))
+
+
+def test_an_unreadable_page_gets_no_prediction_and_is_reported(tiny_checkpoint, data_dir, tmp_path):
+    root = make_fox(tmp_path / "focus_benchmark_test")
+    (root / "en_pdf_png" / "en_2.png").write_bytes(b"\x89PNG broken")
+    Image.new("RGB", (4, 4)).save(root / "en_pdf_png" / "unused.png")
+    (root / "en_pdf_png" / "en_3.png").unlink()
+    metrics, out = run_eval(
+        tmp_path / "gen",
+        data_dir,
+        "benchmark=fox",
+        f"benchmark.data_dir={root}",
+        "benchmark.languages=[en]",
+        f"ckpt_path={tiny_checkpoint}",
+        "benchmark.max_new_tokens=4",
+    )
+    assert metrics["pages"] == 3
+    written = json.loads((out / "predictions" / "fox_predictions.json").read_text())
+    assert [r["image"] for r in written] == ["en_1.png"]
+    assert (
+        "2 of 3 pages have no prediction and count as empty: en/en_2, en/en_3"
+        in (out / "report.md").read_text()
+    )
