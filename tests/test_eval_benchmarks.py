@@ -2,11 +2,13 @@
 the benchmarks' own prediction formats, the written files, and missing or unreadable items."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.conftest import run_cli
 from tests.test_prepare import QUIET, make_coco, make_docvqa_release
 from vlm.config import compose
 from vlm.data.render import RenderStyle, render
@@ -23,7 +25,7 @@ def run_eval(out: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path]:
 def test_eval_needs_a_checkpoint_or_predictions(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"ckpt_path=PATH .* or predictions=DIR\|FILE"):
         run_eval(tmp_path, data_dir)
-    with pytest.raises(FileNotFoundError, match="predictions=.*nothing-here"):
+    with pytest.raises(FileNotFoundError, match=r"predictions=.*nothing-here"):
         run_eval(tmp_path, data_dir, f"predictions={tmp_path / 'nothing-here'}")
 
 
@@ -186,6 +188,7 @@ def test_fox_official_prediction_format_languages_and_compression(tiny_checkpoin
     metrics, out = run_eval(
         tmp_path / "score", data_dir, "benchmark=fox", data, f"predictions={tmp_path / 'fox.json'}"
     )
+    assert metrics["pages"] == 4
     tables = json.loads((out / "tables.json").read_text())
     langs = {row["lang"]: row for row in tables["by_language"]}
     assert langs["en"]["pages"] == 3 and langs["cn"]["pages"] == 1 and langs["cn"]["precision"] == 1.0
@@ -198,7 +201,7 @@ def test_fox_official_prediction_format_languages_and_compression(tiny_checkpoin
     assert not any(name.startswith("compression") for name in tables)  # no vision tokens, no tokenizer
 
     # with the model: generation, its tokenizer and vision tokens give the compression study
-    metrics, out = run_eval(
+    _, out = run_eval(
         tmp_path / "gen",
         data_dir,
         "benchmark=fox",
@@ -251,3 +254,75 @@ def test_an_unreadable_page_gets_no_prediction_and_is_reported(tiny_checkpoint, 
         "2 of 3 pages have no prediction and count as empty: en/en_2, en/en_3"
         in (out / "report.md").read_text()
     )
+
+
+# ------------------------------------------------------------------------------------------ OmniDocBench
+# the real 18-page sample of the official repository; ../shared next to the repository
+DEMO = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "omnidocbench_demo"
+needs_demo = pytest.mark.skipif(not DEMO.is_dir(), reason=f"the OmniDocBench demo sample is not at {DEMO}")
+
+
+@needs_demo
+def test_omnidocbench_acceptance_command_reproduces_the_official_numbers(tmp_path):
+    proc = run_cli(
+        "eval.py",
+        "benchmark=omnidocbench",
+        f"predictions={DEMO / 'predictions'}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    expected = json.loads((DEMO / "expected_official_v1.5.json").read_text())
+    for name, value in expected.items():
+        if isinstance(value, float):
+            assert metrics[name] == pytest.approx(value, abs=0.005), name
+    assert metrics["sample_counts"] == expected["sample_counts"]
+    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"text_edit_by_language.png"}
+    assert "## by data_source" in (tmp_path / "report.md").read_text()
+
+
+@needs_demo
+def test_omnidocbench_missing_pages_are_dropped_loudly_or_scored_empty(tmp_path, data_dir):
+    predictions = tmp_path / "predictions"
+    shutil.copytree(DEMO / "predictions", predictions)
+    gone = sorted(predictions.glob("*.md"))[0]
+    gone.unlink()
+    gt = f"benchmark.gt={DEMO / 'OmniDocBench_demo.json'}"
+    dropped, out = run_eval(
+        tmp_path / "drop", data_dir, "benchmark=omnidocbench", gt, f"predictions={predictions}"
+    )
+    assert dropped["pages_scored"] == 17 and dropped["pages_missing"] == 1
+    assert (
+        f"1 of 18 pages have no prediction and were dropped from every metric (official): {gone.stem}"
+        in (out / "report.md").read_text()
+    )
+    empty, _ = run_eval(
+        tmp_path / "empty",
+        data_dir,
+        "benchmark=omnidocbench",
+        gt,
+        f"predictions={predictions}",
+        "benchmark.missing=empty",
+    )
+    assert empty["pages_scored"] == 18
+    assert empty["sample_counts"]["text_block"] > dropped["sample_counts"]["text_block"]
+    assert empty["text_edit"] > dropped["text_edit"]  # the empty page's text scores edit distance 1
+
+
+@needs_demo
+def test_omnidocbench_generation_writes_one_markdown_file_per_page(tiny_checkpoint, data_dir, tmp_path):
+    metrics, out = run_eval(
+        tmp_path,
+        data_dir,
+        "benchmark=omnidocbench",
+        f"benchmark.gt={DEMO / 'OmniDocBench_demo.json'}",
+        f"ckpt_path={tiny_checkpoint}",
+        "benchmark.limit=2",
+        "benchmark.max_new_tokens=8",
+    )
+    written = sorted(p.stem for p in (out / "predictions").glob("*.md"))
+    expected = sorted(
+        Path(p["page_info"]["image_path"]).stem
+        for p in json.loads((DEMO / "OmniDocBench_demo.json").read_text())[:2]
+    )
+    assert written == expected and metrics["pages_scored"] == 2

@@ -109,6 +109,7 @@ def run_benchmark(
         image_size=tuple(model.encoder.preprocessing.size) if model is not None else None,
         output_dir=output_dir,
         datamodule=datamodule,
+        predictions_path=Path(predictions_path) if predictions_path is not None else None,
     )
     items = benchmark.items(context)
     if not items:
@@ -167,6 +168,8 @@ def markdown_table(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(c for row in rows for c in row))
 
     def cell(value) -> str:
+        if value is None:
+            return "–"
         if isinstance(value, float):
             return "nan" if math.isnan(value) else f"{value:.4f}"
         return str(value).replace("|", "\\|").replace("\n", " ")

@@ -60,6 +60,7 @@ class Context:
     image_size: tuple[int, int] | None = None  # the encoder's input (height, width)
     output_dir: Path | None = None
     datamodule: Any = None  # the run's own data (benchmark=synthetic reads its test split)
+    predictions_path: Path | None = None  # predictions= of eval.py, when scoring given outputs
 
 
 @dataclass

@@ -27,8 +27,15 @@ from vlm.eval.ocr import ocr_scores
 
 SCORES_VS_COMPRESSION = ("precision", "precision_fox_official", "one_minus_ned")
 SCORES = (
-    "precision", "recall", "f1", "precision_fox_official", "recall_fox_official", "edit_distance", "one_minus_ned",
-    "bleu", "bleu_fox_official",
+    "precision",
+    "recall",
+    "f1",
+    "precision_fox_official",
+    "recall_fox_official",
+    "edit_distance",
+    "one_minus_ned",
+    "bleu",
+    "bleu_fox_official",
 )
 
 
@@ -102,9 +109,7 @@ class Fox(Benchmark):
         for item in items:
             row = {"key": item.key, "lang": item.meta["lang"]}
             row |= {
-                k: v
-                for k, v in ocr_scores(predictions[item.key], item.answers[0]).items()
-                if k in SCORES
+                k: v for k, v in ocr_scores(predictions[item.key], item.answers[0]).items() if k in SCORES
             }
             row |= {
                 f"text_tokens/{name}": len(encode(item.answers[0])) for name, encode in tokenizers.items()
