@@ -326,3 +326,16 @@ def test_omnidocbench_generation_writes_one_markdown_file_per_page(tiny_checkpoi
         for p in json.loads((DEMO / "OmniDocBench_demo.json").read_text())[:2]
     )
     assert written == expected and metrics["pages_scored"] == 2
+
+
+@needs_demo
+def test_scores_tables_and_plots_reach_an_offline_wandb_run(tmp_path, data_dir):
+    metrics, out = run_eval(
+        tmp_path, data_dir, "benchmark=omnidocbench", f"predictions={DEMO / 'predictions'}", "logger=wandb"
+    )
+    assert metrics["text_edit"] > 0
+    media = next((out / "wandb").glob("offline-run-*")) / "files" / "media"
+    tables = sorted(p.name.split("_")[0] for p in (media / "table" / "eval").glob("*.table.json"))
+    assert tables == ["by data", "by language", "by layout", "by special"]  # one per page attribute
+    plots = sorted(p.name for p in (media / "images" / "eval").glob("*.png"))
+    assert len(plots) == 3 and plots[0].startswith("text_edit_by_data_source")
