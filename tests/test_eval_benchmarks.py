@@ -339,3 +339,24 @@ def test_scores_tables_and_plots_reach_an_offline_wandb_run(tmp_path, data_dir):
     assert tables == ["by data", "by language", "by layout", "by special"]  # one per page attribute
     plots = sorted(p.name for p in (media / "images" / "eval").glob("*.png"))
     assert len(plots) == 3 and plots[0].startswith("text_edit_by_data_source")
+
+
+def test_generation_prompts_carry_the_tiles_of_a_tiling_encoder():
+    """DeepEncoder's gundam mode: a page gets a global view plus tiles, and the prompt one image token
+    per position of both, exactly as in training."""
+    from vlm.data.processing import SampleProcessor
+    from vlm.eval.benchmarks.base import Item
+    from vlm.eval.runner import GenerationSet
+    from vlm.models.encoders.base import ImagePreprocessing, TiledViews, Tiling
+    from vlm.models.llms.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    prep = ImagePreprocessing(size=(64, 64), tiling=Tiling(tile_size=32, tokens_per_tile=(2, 2)))
+    processor = SampleProcessor(tokenizer, prep, vision_tokens_per_image=5, train=False)
+    sample = GenerationSet([Item("wide", Image.new("RGB", (90, 40)), "Read the page.")], processor)[0]
+    pixels = sample["pixel_values"]
+    assert isinstance(pixels, TiledViews) and len(pixels) == 1
+    rows, cols = pixels.tile_grids[0]
+    assert rows * cols > 1 and pixels.tiles.shape == (rows * cols, 3, 32, 32)
+    image_tokens = int((sample["prompt_ids"] == tokenizer.image_token_id).sum())
+    assert image_tokens == 5 + prep.tiling.local_positions((rows, cols))

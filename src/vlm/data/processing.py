@@ -197,6 +197,13 @@ class SampleProcessor:
             ids += self.tokenizer.encode(piece)
         return ids
 
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | TiledViews:
+        """A sample's images processed for the encoder, stacked (tiled views keep their tiles)."""
+        if not images:
+            return self.images.empty()
+        views = [self.images(image) for image in images]
+        return concat_views(views) if isinstance(views[0], TiledViews) else torch.stack(views)
+
     def placeholders(self, views: torch.Tensor | TiledViews) -> list[int]:
         """Image tokens for each processed image: tiles add theirs to the untiled count."""
         if not isinstance(views, TiledViews):
@@ -207,11 +214,7 @@ class SampleProcessor:
     def __call__(self, raw: dict) -> dict:
         record, images = self.decode(raw)
         key = raw.get("__key__", "?")
-        if images:
-            views = [self.images(im) for im in images]
-            pixel_values = concat_views(views) if isinstance(views[0], TiledViews) else torch.stack(views)
-        else:
-            pixel_values = self.images.empty()
+        pixel_values = self.pixel_values(images)
         try:
             prompt_ids = self.encode_prompt(record["prompt"], len(images), self.placeholders(pixel_values))
         except ValueError as error:

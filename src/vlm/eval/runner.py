@@ -45,7 +45,7 @@ class GenerationSet(Dataset):
         except (FileNotFoundError, ValueError) as error:
             return {"key": item.key, "error": str(error)}
         processor = self.processor
-        views = processor.images(image)[None] if image is not None else processor.images.empty()
+        views = processor.pixel_values([] if image is None else [image])
         prompt_ids = torch.tensor(
             processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
         )

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -102,6 +102,42 @@ class Benchmark:
 
     def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
         return read_json_predictions(path)
+
+
+@dataclass
+class JsonRowsBenchmark(Benchmark):
+    """A benchmark whose official prediction format is one JSON list of rows, one row per item, matched
+    to the items by an id: subclasses say how a row is made (`to_rows`) and read (`row_id`, `row_text`)
+    and which id an item has (`item_id`)."""
+
+    predictions_file: ClassVar[str] = "predictions.json"  # its name inside a predictions directory
+    row_format: ClassVar[str] = "[{...}, ...]"  # what a row looks like, for error messages
+
+    def to_rows(self, items: list[Item], predictions: dict[str, str]) -> list[dict]:
+        raise NotImplementedError
+
+    def row_id(self, row: dict) -> Any:
+        raise NotImplementedError
+
+    def row_text(self, row: dict) -> str:
+        raise NotImplementedError
+
+    def item_id(self, item: Item) -> Any:
+        return item.key
+
+    def write_predictions(self, items: list[Item], predictions: dict[str, str], out_dir: Path) -> Path:
+        path = out_dir / self.predictions_file
+        rows = self.to_rows([item for item in items if item.key in predictions], predictions)
+        path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+        return path
+
+    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
+        path = path / self.predictions_file if path.is_dir() else path
+        try:
+            texts = {self.row_id(row): self.row_text(row) for row in json.loads(path.read_text())}
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"predictions={path}: expected {self.row_format} ({error!r})") from error
+        return {item.key: texts[self.item_id(item)] for item in items if self.item_id(item) in texts}
 
 
 def read_json_predictions(path: Path) -> dict[str, str]:

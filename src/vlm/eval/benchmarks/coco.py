@@ -7,14 +7,13 @@ image's captions as references). Prediction format: the COCO results JSON,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 from vlm.eval.benchmarks.base import (
-    Benchmark,
     Context,
     Item,
+    JsonRowsBenchmark,
     Result,
     bar_plot,
     empty_for_missing,
@@ -24,7 +23,9 @@ from vlm.eval.captions import caption_scores
 
 
 @dataclass
-class CocoCaptions(Benchmark):
+class CocoCaptions(JsonRowsBenchmark):
+    predictions_file: ClassVar[str] = "captions_results.json"
+    row_format: ClassVar[str] = "the COCO results JSON [{image_id, caption}, ...]"
     name: str = "coco"
     urls: str | list[str] = "data/coco/val/*.tar"  # shards of one split (Karpathy test or val2017)
     prompt: str | None = None  # None = the shards' own ("<image>\nDescribe the image.")
@@ -38,30 +39,17 @@ class CocoCaptions(Benchmark):
                 raise ValueError(f"{item.key}: no image_id or no captions (not a prepared COCO shard?)")
         return items
 
-    def write_predictions(self, items: list[Item], predictions: dict[str, str], out_dir: Path) -> Path:
-        path = out_dir / "captions_results.json"
-        rows = [
-            {"image_id": item.meta["image_id"], "caption": predictions[item.key]}
-            for item in items
-            if item.key in predictions
-        ]
-        path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
-        return path
+    def to_rows(self, items: list[Item], predictions: dict[str, str]) -> list[dict]:
+        return [{"image_id": item.meta["image_id"], "caption": predictions[item.key]} for item in items]
 
-    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
-        path = path / "captions_results.json" if path.is_dir() else path
-        try:
-            rows = json.loads(path.read_text())
-            captions = {int(row["image_id"]): str(row["caption"]) for row in rows}
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"predictions={path}: expected the COCO results JSON [{{image_id, caption}}, ...] ({error})"
-            ) from error
-        return {
-            item.key: captions[int(item.meta["image_id"])]
-            for item in items
-            if int(item.meta["image_id"]) in captions
-        }
+    def row_id(self, row: dict) -> int:
+        return int(row["image_id"])
+
+    def row_text(self, row: dict) -> str:
+        return str(row["caption"])
+
+    def item_id(self, item: Item) -> int:
+        return int(item.meta["image_id"])
 
     def score(self, items: list[Item], predictions: dict[str, str], context: Context) -> Result:
         predictions, notes = empty_for_missing(items, predictions, "images")

@@ -8,16 +8,15 @@ single word or phrase.", at most 32 new tokens. Prediction format: the official 
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 from vlm.eval.anls import anls_score, docvqa_submission
 from vlm.eval.benchmarks.base import (
-    Benchmark,
     Context,
     Item,
+    JsonRowsBenchmark,
     Result,
     bar_plot,
     empty_for_missing,
@@ -27,7 +26,9 @@ from vlm.eval.benchmarks.base import (
 
 
 @dataclass
-class DocVQA(Benchmark):
+class DocVQA(JsonRowsBenchmark):
+    predictions_file: ClassVar[str] = "submission.json"
+    row_format: ClassVar[str] = "the DocVQA submission JSON [{questionId, answer}, ...]"
     name: str = "docvqa"
     urls: str | list[str] = "data/docvqa/val/*.tar"  # shards of one split
     prompt: str = "<image>\n{question}\nAnswer the question using a single word or phrase."
@@ -44,30 +45,18 @@ class DocVQA(Benchmark):
                 )
         return items
 
-    def write_predictions(self, items: list[Item], predictions: dict[str, str], out_dir: Path) -> Path:
-        path = out_dir / "submission.json"
-        rows = [
-            {"questionId": item.meta["questionId"], "prediction": predictions[item.key]}
-            for item in items
-            if item.key in predictions
-        ]
-        path.write_text(json.dumps(docvqa_submission(rows), indent=1, ensure_ascii=False))
-        return path
+    def to_rows(self, items: list[Item], predictions: dict[str, str]) -> list[dict]:
+        rows = [{"questionId": item.meta["questionId"], "answer": predictions[item.key]} for item in items]
+        return docvqa_submission(rows)  # checks the ids: one answer per question
 
-    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
-        path = path / "submission.json" if path.is_dir() else path
-        try:
-            rows = json.loads(path.read_text())
-            answers = {str(row["questionId"]): str(row["answer"]) for row in rows}
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"predictions={path}: expected the DocVQA submission JSON [{{questionId, answer}}, ...] ({error})"
-            ) from error
-        return {
-            item.key: answers[str(item.meta["questionId"])]
-            for item in items
-            if str(item.meta["questionId"]) in answers
-        }
+    def row_id(self, row: dict) -> str:
+        return str(row["questionId"])
+
+    def row_text(self, row: dict) -> str:
+        return str(row["answer"])
+
+    def item_id(self, item: Item) -> str:
+        return str(item.meta["questionId"])
 
     def score(self, items: list[Item], predictions: dict[str, str], context: Context) -> Result:
         predictions, notes = empty_for_missing(items, predictions, "questions")

@@ -21,8 +21,17 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result, curve_plot, empty_for_missing, mean
+from vlm.eval.benchmarks.base import (
+    Context,
+    Item,
+    JsonRowsBenchmark,
+    Result,
+    curve_plot,
+    empty_for_missing,
+    mean,
+)
 from vlm.eval.ocr import ocr_scores
 
 SCORES_VS_COMPRESSION = ("precision", "precision_fox_official", "one_minus_ned")
@@ -40,7 +49,9 @@ SCORES = (
 
 
 @dataclass
-class Fox(Benchmark):
+class Fox(JsonRowsBenchmark):
+    predictions_file: ClassVar[str] = "fox_predictions.json"
+    row_format: ClassVar[str] = "[{image, lang, label, answer}, ...]"
     name: str = "fox"
     data_dir: str = "data/fox/focus_benchmark_test"
     languages: list[str] = field(default_factory=lambda: ["en", "cn"])
@@ -71,25 +82,14 @@ class Fox(Benchmark):
                 items.append(Item(key, root / f"{lang}_pdf_png" / image, prompt, [truth], meta))
         return self.limited(items)
 
-    def write_predictions(self, items: list[Item], predictions: dict[str, str], out_dir: Path) -> Path:
-        path = out_dir / "fox_predictions.json"
-        rows = [
-            {**item.meta, "label": item.answers[0], "answer": predictions[item.key]}
-            for item in items
-            if item.key in predictions
-        ]
-        path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
-        return path
+    def to_rows(self, items: list[Item], predictions: dict[str, str]) -> list[dict]:
+        return [{**item.meta, "label": item.answers[0], "answer": predictions[item.key]} for item in items]
 
-    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
-        path = path / "fox_predictions.json" if path.is_dir() else path
-        try:
-            rows = json.loads(path.read_text())
-            return {f"{row['lang']}/{Path(row['image']).stem}": str(row["answer"]) for row in rows}
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"predictions={path}: expected [{{image, lang, label, answer}}, ...] ({error})"
-            ) from error
+    def row_id(self, row: dict) -> str:
+        return f"{row['lang']}/{Path(row['image']).stem}"  # = the item's key
+
+    def row_text(self, row: dict) -> str:
+        return str(row["answer"])
 
     def _tokenizers(self, context: Context) -> dict:
         tokenizers = {}

@@ -14,10 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm.data import corpus
-from vlm.data.datamodule import read_shards
-from vlm.data.processing import IMAGE_EXTENSIONS
 from vlm.data.render import RenderStyle, TextDoesNotFit, find_font, render
-from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result, curve_plot, empty_for_missing, mean
+from vlm.eval.benchmarks.base import (
+    Benchmark,
+    Context,
+    Item,
+    Result,
+    curve_plot,
+    empty_for_missing,
+    mean,
+    shard_items,
+)
 from vlm.eval.metrics import cer, corpus_cer, corpus_wer, exact_match
 from vlm.eval.ocr import ocr_scores
 
@@ -38,16 +45,8 @@ class SyntheticBenchmark(Benchmark):
     def items(self, context: Context | None = None) -> list[Item]:
         if context is None or context.datamodule is None:
             raise ValueError("benchmark=synthetic reads the run's own test split: give ckpt_path=...")
-        datamodule = context.datamodule
-        datamodule.prepare_data()
-        items = []
-        for raw in read_shards(datamodule.shards(self.split)):
-            if self.limit is not None and len(items) >= self.limit:
-                break
-            record = json.loads(raw["json"])
-            image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-            items.append(Item(raw["__key__"], image, record["prompt"], record["answers"]))
-        return items
+        context.datamodule.prepare_data()
+        return shard_items(context.datamodule.shards(self.split), self.limit)
 
     def score(self, items: list[Item], predictions: dict[str, str], context: Context) -> Result:
         predictions, notes = empty_for_missing(items, predictions, "samples")
