@@ -86,11 +86,20 @@ def test_labels_cover_only_the_answer(tmp_path):
     tok = ByteTokenizer()
     answer = json.loads(raw["json"])["answers"][0]
     n_answer = len(answer.encode()) + 1
-    assert sample["labels"][-n_answer:].tolist() == [*answer.encode(), tok.eos_id]
-    assert (sample["labels"][:-n_answer] == IGNORE_INDEX).all()
-    assert (sample["input_ids"] == tok.image_token_id).sum() == 4
+    assert sample["answer_ids"] == [*answer.encode(), tok.eos_id]
+    assert sample["prompt_ids"].count(tok.image_token_id) == 4
     assert sample["pixel_values"].shape == (1, 3, 32, 512)
-    batch = Collator(tok.pad_id)([sample, processor()(raw)])
+    short = {**sample, "key": "short", "answer_ids": sample["answer_ids"][-2:]}  # a shorter row pads
+    batch = Collator(tok.pad_id)([sample, short])
+    labels, n_prompt = batch["labels"], len(sample["prompt_ids"])
+    assert labels[0, -n_answer:].tolist() == [*answer.encode(), tok.eos_id]
+    assert (labels[0, :-n_answer] == IGNORE_INDEX).all()
+    assert labels[1, n_prompt : n_prompt + 2].tolist() == sample["answer_ids"][-2:]
+    assert (labels[1, :n_prompt] == IGNORE_INDEX).all() and (labels[1, n_prompt + 2 :] == IGNORE_INDEX).all()
+    assert batch["input_ids"][0].tolist() == [*sample["prompt_ids"], *sample["answer_ids"]]
+    assert (batch["input_ids"][1, n_prompt + 2 :] == tok.pad_id).all()
+    assert batch["attention_mask"].sum(1).tolist() == [n_prompt + n_answer, n_prompt + 2]
+    assert batch["prompt_ids"][0].tolist() == list(sample["prompt_ids"])
     assert batch["prompt_mask"][:, 0].tolist() == [1, 1]
 
 

@@ -358,5 +358,5 @@ def test_generation_prompts_carry_the_tiles_of_a_tiling_encoder():
     assert isinstance(pixels, TiledViews) and len(pixels) == 1
     rows, cols = pixels.tile_grids[0]
     assert rows * cols > 1 and pixels.tiles.shape == (rows * cols, 3, 32, 32)
-    image_tokens = int((sample["prompt_ids"] == tokenizer.image_token_id).sum())
+    image_tokens = sample["prompt_ids"].count(tokenizer.image_token_id)
     assert image_tokens == 5 + prep.tiling.local_positions((rows, cols))

@@ -3,7 +3,7 @@ import functools
 import pytest
 import torch
 
-from vlm.data.processing import pad
+from vlm.data.processing import padded
 from vlm.generation import GenerationConfig, ban_repeated_ngrams, generate
 from vlm.models import projectors
 from vlm.models.encoders.tiny import TinyEncoder
@@ -45,8 +45,7 @@ def prompts(model, lengths):
         )
         for n in lengths
     ]
-    ids = pad(seqs, model.tokenizer.pad_id, left=True)
-    mask = pad([torch.ones_like(s) for s in seqs], 0, left=True)
+    ids, mask = padded(seqs, model.tokenizer.pad_id, left=True)
     return seqs, ids, mask
 
 

@@ -529,7 +529,7 @@ def test_text_jsonl_and_parquet_and_model_side_reading(tmp_path):
     )
     item = processor(samples[1])
     answer = list("Second, with ünïcode.".encode())
-    assert item["input_ids"].tolist() == [tokenizer.bos_id, *answer, tokenizer.eos_id]
+    assert [*item["prompt_ids"], *item["answer_ids"]] == [tokenizer.bos_id, *answer, tokenizer.eos_id]
     assert item["pixel_values"].shape[0] == 0
 
 
@@ -564,7 +564,7 @@ def test_written_samples_feed_the_sample_processor_and_the_cli(tmp_path, capsys)
         index = json.loads((out / "index.json").read_text())
         raw = read_back(out, index, "train")[0]
         item = processor(raw)
-        ids = item["input_ids"].tolist()
+        ids = [*item["prompt_ids"], *item["answer_ids"]]
         assert contains(ids, list(item["answers"][0].encode())) and ids.count(tokenizer.image_token_id) == 4
         assert item["pixel_values"].shape == (1, 3, 32, 32)
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from vlm.data.processing import pad
+from vlm.data.processing import padded
 from vlm.generation import generate
 from vlm.models import projectors
 from vlm.models.encoders.tiny import TinyEncoder
@@ -71,9 +71,8 @@ def prompts(model: VisionLanguageModel, batch: int, text_tokens: int):
     for i in range(batch):
         n = max(1, text_tokens - 3 * i)  # different lengths: left padding matters
         text = torch.randint(32, 127, (n,), generator=generator).tolist()
-        seqs.append(torch.tensor([tok.image_token_id] * model.vision_tokens_per_image + text))
-    ids = pad(seqs, tok.pad_id, left=True)
-    mask = pad([torch.ones_like(s) for s in seqs], 0, left=True)
+        seqs.append([tok.image_token_id] * model.vision_tokens_per_image + text)
+    ids, mask = padded(seqs, tok.pad_id, left=True)
     return ids, mask, torch.randn(batch, 3, 32, 512, generator=generator)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vlm.data.shards import INDEX_FILE, add_to_tar, read_index, tar_keys, write_index
+from vlm.data.shards import INDEX_FILE, TAR_FORMAT, add_to_tar, read_index, tar_keys, write_index
 from vlm.data.sources import Skip, Split
 
 STATE_FILE = "_progress.json"
@@ -111,7 +111,7 @@ class _SplitWriter:
     def add(self, sample: dict, index: int) -> None:
         if self.tar is None:
             tmp = self.directory / (self.next_name + ".tmp")
-            self.tar = tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT)  # noqa: SIM115 (open across samples)
+            self.tar = tarfile.open(tmp, "w", format=TAR_FORMAT)  # noqa: SIM115 (open across samples)
         add_to_tar(self.tar, sample)
         self.count += 1
         self.tasks[sample["task"]] += 1

@@ -7,6 +7,8 @@ import json
 import logging
 import random
 from collections import Counter
+from collections.abc import Sequence
+from itertools import chain
 from typing import ClassVar
 
 import numpy as np
@@ -121,11 +123,14 @@ def concat_views(views: list[torch.Tensor | TiledViews]) -> torch.Tensor | Tiled
 
 
 class SampleProcessor:
-    """Raw webdataset sample -> {input_ids, labels, prompt_ids, pixel_values, answers, key}.
+    """Raw webdataset sample -> {key, prompt_ids, answer_ids, pixel_values, answers, task}.
 
-    The sequence is `bos, prompt (each <image> expanded to the vision tokens), answer, eos`; labels are
-    IGNORE_INDEX everywhere but the answer and eos.
+    `prompt_ids` is `bos, prompt` with each `<image>` expanded to its vision tokens, `answer_ids` the
+    answer's ids and eos (lists of ints); `Collator` makes the batch's tensors from them, so a sample
+    costs no tensors of its own but its images.
     """
+
+    prompt_cache_size: ClassVar[int] = 1024  # datasets mostly repeat a few prompts (DocVQA: questions)
 
     def __init__(
         self,
@@ -140,6 +145,7 @@ class SampleProcessor:
         self.vision_tokens_per_image = vision_tokens_per_image
         self.max_length = max_length
         self.train = train
+        self._prompts: dict[tuple, tuple[int, ...]] = {}
 
     def decode(self, raw: dict) -> tuple[dict, list[Image.Image]]:
         key = raw.get("__key__", "?")
@@ -202,7 +208,9 @@ class SampleProcessor:
         if not images:
             return self.images.empty()
         views = [self.images(image) for image in images]
-        return concat_views(views) if isinstance(views[0], TiledViews) else torch.stack(views)
+        if isinstance(views[0], TiledViews):
+            return concat_views(views)
+        return views[0][None] if len(views) == 1 else torch.stack(views)  # one image: a view, no copy
 
     def placeholders(self, views: torch.Tensor | TiledViews) -> list[int]:
         """Image tokens for each processed image: tiles add theirs to the untiled count."""
@@ -211,12 +219,23 @@ class SampleProcessor:
         tiling = self.images.prep.tiling
         return [self.vision_tokens_per_image + tiling.local_positions(grid) for grid in views.tile_grids]
 
+    def prompt_ids(self, prompt: str, num_images: int, placeholders: list[int]) -> tuple[int, ...]:
+        """`encode_prompt`, remembered per (prompt, placeholders): the same text gives the same ids."""
+        key = (prompt, num_images, *placeholders)
+        ids = self._prompts.get(key)
+        if ids is None:
+            ids = tuple(self.encode_prompt(prompt, num_images, placeholders))
+            if len(self._prompts) >= self.prompt_cache_size:
+                self._prompts.clear()
+            self._prompts[key] = ids
+        return ids
+
     def __call__(self, raw: dict) -> dict:
         record, images = self.decode(raw)
         key = raw.get("__key__", "?")
         pixel_values = self.pixel_values(images)
         try:
-            prompt_ids = self.encode_prompt(record["prompt"], len(images), self.placeholders(pixel_values))
+            prompt_ids = self.prompt_ids(record["prompt"], len(images), self.placeholders(pixel_values))
         except ValueError as error:
             raise BadSample(key, "malformed_record", str(error)) from error
         answer = random.choice(record["answers"]) if self.train else record["answers"][0]
@@ -227,43 +246,49 @@ class SampleProcessor:
             )
         return {
             "key": key,
-            "input_ids": torch.tensor(prompt_ids + answer_ids),
-            "labels": torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer_ids),
-            "prompt_ids": torch.tensor(prompt_ids),
+            "prompt_ids": prompt_ids,
+            "answer_ids": answer_ids,
             "pixel_values": pixel_values,
             "answers": record["answers"],
             "task": record.get("task", ""),
         }
 
 
-def pad(sequences: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
-    length = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), length), value, dtype=sequences[0].dtype)
-    for i, s in enumerate(sequences):
-        if left:
-            out[i, length - len(s) :] = s
-        else:
-            out[i, : len(s)] = s
-    return out
+def padded(rows: list[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids, mask), (len(rows), longest) int64, padded on the right (or left) with
+    `value`; one conversion of all the ids, the padding by a mask."""
+    lengths = torch.tensor([len(row) for row in rows])
+    positions = torch.arange(int(lengths.max()) if rows else 0)
+    mask = positions >= positions.numel() - lengths[:, None] if left else positions < lengths[:, None]
+    ids = torch.full(mask.shape, value, dtype=torch.long)
+    ids[mask] = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.long)
+    return ids, mask.long()
 
 
 class Collator:
-    """Right-padded training tensors plus left-padded prompts for generation."""
+    """Samples of `SampleProcessor` -> training tensors (right-padded `input_ids`, `labels` IGNORE_INDEX
+    but on answer and eos, `attention_mask`), the left-padded prompts for generation, the images."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, samples: list[dict]) -> dict:
         skipped = SkipCounter.drain()
-        input_ids = [s["input_ids"] for s in samples]
         prompts = [s["prompt_ids"] for s in samples]
+        input_ids, attention_mask = padded(
+            [(*s["prompt_ids"], *s["answer_ids"]) for s in samples], self.pad_id
+        )
+        prompt_lengths = torch.tensor([len(p) for p in prompts])
+        in_prompt = torch.arange(input_ids.shape[1]) < prompt_lengths[:, None]
+        labels = input_ids.masked_fill(in_prompt | ~attention_mask.bool(), IGNORE_INDEX)
+        prompt_ids, prompt_mask = padded(prompts, self.pad_id, left=True)
         return {
             "keys": [s["key"] for s in samples],
-            "input_ids": pad(input_ids, self.pad_id),
-            "labels": pad([s["labels"] for s in samples], IGNORE_INDEX),
-            "attention_mask": pad([torch.ones_like(i) for i in input_ids], 0),
-            "prompt_ids": pad(prompts, self.pad_id, left=True),
-            "prompt_mask": pad([torch.ones_like(p) for p in prompts], 0, left=True),
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
             "pixel_values": concat_views([s["pixel_values"] for s in samples]),
             "images_per_sample": torch.tensor([len(s["pixel_values"]) for s in samples]),
             "answers": [s["answers"] for s in samples],

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 INDEX_FILE = "index.json"
+TAR_FORMAT = tarfile.GNU_FORMAT  # long names as GNU records; the usual member needs one header
 
 
 def to_tar_entry(sample: dict) -> dict:
@@ -34,19 +35,29 @@ def to_tar_entry(sample: dict) -> dict:
 
 
 def write_shards(samples: Iterable[dict], out_dir: Path, prefix: str, samples_per_shard: int) -> list[str]:
-    """Write `prefix-000000.tar`, ... under out_dir; return the shard paths."""
-    import webdataset as wds  # imported when used: it takes a second (torch)
-
+    """Write `prefix-000000.tar`, ... under out_dir (`add_to_tar`); return the shard paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    pattern = str(out_dir / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as writer:
-        for sample in samples:
-            writer.write(to_tar_entry(sample))
-    return sorted(glob.glob(str(out_dir / f"{prefix}-*.tar")))
+    paths: list[str] = []
+    tar: tarfile.TarFile | None = None
+    try:
+        for i, sample in enumerate(samples):
+            if i % samples_per_shard == 0:
+                if tar is not None:
+                    tar.close()
+                paths.append(str(out_dir / f"{prefix}-{len(paths):06d}.tar"))
+                tar = tarfile.open(paths[-1], "w", format=TAR_FORMAT)  # noqa: SIM115 (open across samples)
+            add_to_tar(tar, sample)
+    finally:
+        if tar is not None:
+            tar.close()
+    return paths
 
 
 def add_to_tar(tar: tarfile.TarFile, sample: dict) -> None:
-    """Append one sample to an open tar, byte-reproducibly (fixed mtime, owner and mode)."""
+    """Append one sample to an open tar (`TAR_FORMAT`), byte-reproducibly (fixed mtime, owner and mode).
+
+    An integer mtime and short names keep every member to one 512-byte header: a float mtime (as
+    `time.time()`) would make tarfile add a pax header per member, which doubles the reading cost."""
     entry = to_tar_entry(sample)
     key = entry.pop("__key__")
     for ext, data in entry.items():

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from vlm import IGNORE_INDEX
 from vlm.data.processing import Collator, SampleProcessor
 from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result
 
@@ -46,14 +45,11 @@ class GenerationSet(Dataset):
             return {"key": item.key, "error": str(error)}
         processor = self.processor
         views = processor.pixel_values([] if image is None else [image])
-        prompt_ids = torch.tensor(
-            processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
-        )
+        prompt_ids = processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
         return {
             "key": item.key,
-            "input_ids": prompt_ids,
-            "labels": torch.full_like(prompt_ids, IGNORE_INDEX),
             "prompt_ids": prompt_ids,
+            "answer_ids": [],
             "pixel_values": views,
             "answers": item.answers,
         }
