@@ -5,17 +5,19 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vlm.config import finalize, quote_integer_options
+from vlm.config import finalize, optimized_metric, quote_integer_options, sweep_job
 
 sys.argv = [sys.argv[0], *quote_integer_options(sys.argv[1:])]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Returns `optimized_metric` for a sweeper (conf/hparams_search/)."""
     from vlm.training.run import train
 
-    metrics = train(finalize(cfg))
-    return metrics.get("eval/cer", metrics.get("val/cer"))
+    with sweep_job():
+        metrics = train(finalize(cfg))
+    return optimized_metric(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

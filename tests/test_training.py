@@ -29,6 +29,32 @@ def test_stage_freezes_and_keeps_frozen_parts_in_eval_mode(make_cfg):
     assert trainable == {"projector"}  # the default resampler (pixel shuffle) has no parameters
 
 
+def test_lm_loss_is_next_token_cross_entropy_on_the_answer_and_adamw_is_fused(make_cfg):
+    from tests.steps import make_batch
+    from vlm import IGNORE_INDEX
+
+    cfg = make_cfg("loss.ctc_weight=0", "loss.chunk_weight=0")
+    module = VLMModule(cfg)
+    batch = make_batch(module.model, ["ab", "a longer answer"])
+    loss, parts = module.loss(batch)
+    logits = module.model(
+        batch["input_ids"], vision=module.model.project(module.model.encoder(batch["pixel_values"]))
+    )
+    terms = [  # position t predicts token t + 1 wherever that token is labelled
+        -torch.log_softmax(logits[b, t], -1)[batch["labels"][b, t + 1]]
+        for b in range(logits.shape[0])
+        for t in range(logits.shape[1] - 1)
+        if batch["labels"][b, t + 1] != IGNORE_INDEX
+    ]
+    assert len(terms) == len("ab") + len("a longer answer") + 2  # answers and their eos
+    assert torch.allclose(parts["lm"], torch.stack(terms).mean(), atol=1e-6) and torch.equal(
+        loss, parts["lm"]
+    )
+    module.trainer = type("T", (), {"max_steps": 10})()  # what configure_optimizers reads
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is True
+
+
 def test_frozen_parts_do_not_change_in_a_step(make_cfg, tmp_path):
     cfg = make_cfg("stage=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false")
     torch.manual_seed(0)

@@ -1,9 +1,12 @@
-"""Hydra glue: config location, resolvers, integer-named options, composing outside the CLI."""
+"""Hydra glue: config location, resolvers, integer-named options, composing outside the CLI, sweep jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,6 +44,79 @@ def finalize(cfg: DictConfig) -> DictConfig:
         with open_dict(cfg):
             cfg.trainer.precision = "bf16-mixed" if gpu else "32-true"
     return cfg
+
+
+def optimized_metric(metrics: dict, name: str | None) -> float | None:
+    """What train.py returns to the sweeper: the metric `name`, or by default eval/cer after testing,
+    else val/cer, else nothing."""
+    if name is None:
+        return metrics.get("eval/cer", metrics.get("val/cer"))
+    if name not in metrics:
+        available = ", ".join(sorted(metrics)) or "none (no validation or test ran)"
+        raise ValueError(f"optimized_metric={name} is not among this run's metrics: {available}")
+    return float(metrics[name])
+
+
+# Environment variables Lightning's subprocess launcher sets in the process that starts the DDP ranks
+DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# Hydra overrides that belong to the sweep (or that Lightning sets itself): not repeated for a job's ranks
+SWEEP_ONLY_OVERRIDES = (
+    "hydra.mode",
+    "hydra.sweep",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.run",
+    "hydra.job.name",
+    "hydra.output_subdir",
+)
+
+
+@contextlib.contextmanager
+def sweep_job() -> Iterator[None]:
+    """One job of a Hydra multirun that may start its own DDP ranks (a no-op in a single run).
+
+    Lightning starts ranks > 0 by running `sys.argv` again with `hydra.run.dir=<hydra.run.dir>` added.
+    In a multirun that command holds `-m` and the whole sweep, so every rank would start a sweep of its
+    own in a new directory. Here it becomes this job alone (its overrides, single-run mode) and the run
+    dir this job's sweep subdir. Afterwards the process group and the launcher's variables go, so the
+    next job of the sweep launches its ranks again instead of reusing the exited ones.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    argv, env = sys.argv, {name: os.environ.get(name) for name in DDP_LAUNCH_ENV}
+    sys.argv = single_job_argv(argv, list(hydra_cfg.overrides.hydra), list(hydra_cfg.overrides.task))
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        launched_here = env["LOCAL_RANK"] is None  # torchrun's ranks run every job together: keep their group
+        if launched_here and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def single_job_argv(argv: list[str], hydra_overrides: list[str], task_overrides: list[str]) -> list[str]:
+    """The command line of one sweep job run alone: the script's options (config name or dir) without
+    `-m`, the job's own overrides in place of the swept ones, `hydra.mode=RUN`."""
+    from hydra._internal.utils import get_args_parser
+
+    swept = set(get_args_parser().parse_args(argv[1:]).overrides)
+    options = [arg for arg in argv[1:] if arg not in swept and arg not in ("-m", "--multirun")]
+    kept = [o for o in hydra_overrides if not o.lstrip("+~").startswith(SWEEP_ONLY_OVERRIDES)]
+    return [argv[0], *options, *kept, "hydra.mode=RUN", *task_overrides]
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:

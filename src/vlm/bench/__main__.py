@@ -1,8 +1,9 @@
-"""python -m vlm.bench generate [--batch 8 --new-tokens 256 ...] | data [--samples 2000] [overrides]"""
+"""python -m vlm.bench generate [--batch 8 --new-tokens 256 ...] | data [--samples 2000] [overrides]
+| train [--batch 4 --steps 3 ...] [--config overrides]"""
 
 import argparse
 
-from vlm.bench import data, generation
+from vlm.bench import data, generation, train
 
 
 def main() -> None:
@@ -10,8 +11,9 @@ def main() -> None:
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
     generation.add_arguments(benchmarks.add_parser("generate", help=generation.__doc__.splitlines()[0]))
     data.add_arguments(benchmarks.add_parser("data", help=data.__doc__.splitlines()[0]))
+    train.add_arguments(benchmarks.add_parser("train", help=train.__doc__.splitlines()[0]))
     args = parser.parse_args()
-    {"generate": generation.run, "data": data.run}[args.benchmark](args)
+    {"generate": generation.run, "data": data.run, "train": train.run}[args.benchmark](args)
 
 
 if __name__ == "__main__":

@@ -2,29 +2,181 @@
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
+from collections.abc import Callable
 
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from vlm import IGNORE_INDEX
+from vlm.training.flops import PartFlopCounter, StepFlopCache, batch_shape, model_parts, peak_flops
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory in GB (10^9 bytes): CUDA's max allocated, or the max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss * (1 if sys.platform == "darwin" else 1024) / 1e9  # bytes on macOS, KiB on Linux
 
 
 class Throughput(L.Callback):
-    """Logs perf/tokens_per_s (non-padding tokens, vision tokens included) and perf/images_per_s."""
+    """Speed, sizes and model FLOPs utilisation, logged under perf/ every `window` timed training batches.
 
-    def __init__(self, window: int = 10) -> None:
-        self.window = window
-        self._start: float | None = None
-        self._tokens = self._images = self._steps = 0
+    Over the window's wall time (validation left out), multiplied by the world size (ranks taken to run
+    alike): tokens_per_s (non-padding tokens, vision tokens included), images_per_s, samples_per_s,
+    tflops_per_s, and flops_per_step (model FLOPs of one batch's forward and backward, window mean, all
+    ranks' batches together). Per device: mfu (FLOP/s achieved / peak FLOP/s of one device) and
+    peak_memory_gb (this process's peak so far). This rank's window: vision_tokens_per_sample and
+    compression_ratio (answer tokens / vision tokens over the samples with images, as benchmark=synthetic
+    defines it; answer tokens are the labelled ones). Once, after the first counted batch:
+    flops_share_<part>.
+
+    FLOPs are counted by torch on the ops that run (`vlm.training.flops`), once per batch shape. A counted
+    batch runs slower, so it is left out of the timing. The peak is the datasheet's for known GPUs and a
+    timed matmul on CPU; `peak_flops` (FLOP/s of one device) overrides it. CUDA is synchronised only where
+    the clock is read: at window ends, around validation and around counted batches.
+    """
+
+    def __init__(
+        self,
+        window: int = 10,
+        peak_flops: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"callbacks.throughput.window must be >= 1, got {window}")
+        if peak_flops is not None and peak_flops <= 0:
+            raise ValueError(
+                f"callbacks.throughput.peak_flops must be > 0 (FLOP/s of one device), got {peak_flops}"
+            )
+        self.window, self.peak_flops, self.clock = window, peak_flops, clock
+        self.flops = StepFlopCache()
+        self._peak: float | None = None
+        self._counter: PartFlopCounter | None = None
+        self._shape: tuple | None = None
+        self._step_flops = 0
+        self._split_logged = False
+        self._start: float | None = None  # clock reading when the running stretch began; None: paused
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._elapsed = 0.0
+        self._steps = self._samples = self._images = self._window_flops = 0
+        self._counts: torch.Tensor | None = None  # (tokens, vision tokens, answer tokens with images)
+
+    def _now(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return self.clock()
+
+    def _pause(self, device: torch.device) -> None:
+        if self._start is not None:
+            self._elapsed += self._now(device) - self._start
+            self._start = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._peak, source = (
+            (self.peak_flops, "callbacks.throughput.peak_flops")
+            if self.peak_flops
+            else peak_flops(pl_module.device, trainer.precision)
+        )
+        if self._peak is None:
+            rank_zero_warn(
+                f"perf/mfu is not logged: no peak FLOP/s for {source}; "
+                "set callbacks.throughput.peak_flops=<FLOP/s of one device>"
+            )
+        else:
+            rank_zero_info(f"MFU against a peak of {self._peak / 1e12:.4g} TFLOP/s per device ({source})")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._shape = batch_shape(batch)
+        flops = self.flops.get(*self._shape)
+        if flops is None:
+            self._pause(pl_module.device)
+            self._counter = PartFlopCounter(model_parts(pl_module)).__enter__()
+            return
+        self._step_flops = sum(flops.values())
         if self._start is None:
-            self._start = time.perf_counter()
+            self._start = self._now(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._tokens += int(batch["attention_mask"].sum())
-        self._images += int(batch["pixel_values"].shape[0])
+        if self._counter is not None:
+            self._finish_count(trainer)
+            return
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        # device tensors summed without reading them back, so no step waits for the GPU
+        has_images = (batch["images_per_sample"] > 0)[:, None]
+        counts = torch.stack(
+            [
+                batch["attention_mask"].sum(),
+                (input_ids == pl_module.model.tokenizer.image_token_id).sum(),
+                ((labels != IGNORE_INDEX) & has_images).sum(),
+            ]
+        )
+        self._counts = counts if self._counts is None else self._counts + counts
         self._steps += 1
+        self._samples += input_ids.shape[0]
+        self._images += batch["pixel_values"].shape[0]
+        self._window_flops += self._step_flops
         if self._steps == self.window:
-            elapsed = time.perf_counter() - self._start
-            pl_module.log("perf/tokens_per_s", self._tokens / elapsed)
-            pl_module.log("perf/images_per_s", self._images / elapsed)
-            self._start, self._tokens, self._images, self._steps = None, 0, 0, 0
+            self._log_window(trainer, pl_module)
+
+    def _finish_count(self, trainer) -> None:
+        counter, self._counter = self._counter, None
+        counter.__exit__(None, None, None)
+        self.flops.add(*self._shape, dict(counter.flops))
+        if self._split_logged or not counter.total:
+            return
+        self._split_logged = True
+        shares = {f"perf/flops_share_{part}": flops / counter.total for part, flops in counter.flops.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(shares, step=trainer.global_step)
+        rank_zero_info(
+            "model FLOPs of one training batch (forward + backward): "
+            + ", ".join(
+                f"{part} {flops / 1e9:.4g} G ({flops / counter.total:.1%})"
+                for part, flops in counter.flops.items()
+            )
+        )
+
+    def _log_window(self, trainer, pl_module) -> None:
+        device = pl_module.device
+        now = self._now(device)
+        elapsed = self._elapsed + now - self._start
+        self._start = now  # the next window starts here, so the time between windows counts too
+        tokens, vision_tokens, answer_tokens = self._counts.tolist()
+        world = trainer.world_size
+        metrics = {
+            "perf/tokens_per_s": tokens * world / elapsed,
+            "perf/images_per_s": self._images * world / elapsed,
+            "perf/samples_per_s": self._samples * world / elapsed,
+            "perf/vision_tokens_per_sample": vision_tokens / self._samples,
+            "perf/peak_memory_gb": peak_memory_gb(device),
+            "perf/flops_per_step": self._window_flops * world / self._steps,
+            "perf/tflops_per_s": self._window_flops * world / elapsed / 1e12,
+        }
+        if vision_tokens:
+            metrics["perf/compression_ratio"] = answer_tokens / vision_tokens
+        if self._peak:
+            metrics["perf/mfu"] = self._window_flops / elapsed / self._peak
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._reset_window()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._pause(pl_module.device)
+
+    def _stop_counting(self) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop_counting()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._stop_counting()

@@ -113,7 +113,7 @@ class VLMModule(L.LightningModule):
         if self.chunk_head is not None:
             parts["chunk_head"], lrs["chunk_head"] = self.chunk_head, optim.lr
         groups = param_groups(parts, lrs, optim.weight_decay)
-        fused = self.device.type == "cuda"
+        fused = self.device.type in ("cuda", "cpu")  # one kernel for all tensors (CPU too, since torch 2.4)
         optimizer = torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
         total = (
             self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
@@ -134,7 +134,9 @@ class VLMModule(L.LightningModule):
         features = self.model.encoder(pixel_values) if pixel_values.shape[0] else None
         vision = self.model.project(features) if features is not None else None
         logits = self.model(input_ids, vision=vision)  # right padding: causal is enough
-        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        # shift the labels, not the logits: slicing the logits would copy them (and their gradient)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         parts = {"lm": lm}
         if self.ctc_head is not None and features is not None:
             parts["ctc"] = self.ctc_head.loss(features, self.model.encoder.grid_size, batch)
@@ -182,12 +184,16 @@ class VLMModule(L.LightningModule):
         )
         return [self.model.tokenizer.decode(row) for row in ids]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> list[str] | None:
+        """The decoded texts of the first `generation.val_batches` batches are returned for callbacks
+        (tracking.ValidationSamples)."""
         batch_size = len(batch["keys"])
         self.log("val/loss", self.loss(batch)[1]["lm"], prog_bar=True, batch_size=batch_size, sync_dist=True)
         if batch_idx < self.cfg.generation.val_batches:
             predictions = self.predict_text(batch, self.cfg.generation.max_new_tokens)
             self._val_predictions += [(p, a[0]) for p, a in zip(predictions, batch["answers"], strict=True)]
+            return predictions
+        return None
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_predictions:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,7 @@ from vlm.data.datamodule import ShardDataModule
 from vlm.data.processing import SampleProcessor
 from vlm.eval.runner import run_benchmark
 from vlm.models.vlm import VisionLanguageModel
+from vlm.training.distributed import trainer_arguments
 from vlm.training.module import VLMModule, count_parameters
 
 log = logging.getLogger(__name__)
@@ -33,19 +35,26 @@ def build_datamodule(data_cfg: DictConfig, model: VisionLanguageModel, max_lengt
     return instantiate(data_cfg, processor_factory=factory, pad_id=model.tokenizer.pad_id)
 
 
-def build_trainer(cfg: DictConfig, callbacks: bool = True) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, callbacks: bool = True, module: L.LightningModule | None = None
+) -> L.Trainer:
+    """The configured Trainer; `trainer=fsdp` builds its strategy from `module` (vlm.training.distributed)."""
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     cbs = [instantiate(c) for c in cfg.callbacks.values()] if callbacks and "callbacks" in cfg else []
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=cbs)
+    trainer_cfg, built = trainer_arguments(cfg, module)
+    cbs += built.pop("callbacks", [])
+    return instantiate(trainer_cfg, logger=loggers or False, callbacks=cbs, **built)
 
 
 def close_loggers(loggers) -> None:
-    """Finish W&B runs even after a crash, so one failed job does not break a sweep."""
+    """Finish W&B runs even after a crash, so one failed job does not break a sweep. Called in a `finally`:
+    an exception on its way up marks the run failed (exit code 1) and still writes out its files."""
+    failed = sys.exc_info()[0] is not None
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             import wandb
 
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else 0)
 
 
 def evaluate(
@@ -75,7 +84,7 @@ def train(cfg: DictConfig) -> dict:
         module.model.describe(),
     )
     datamodule = build_datamodule(cfg.data, module.model, cfg.max_length)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, module=module)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -131,7 +140,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             )
         finally:
             close_loggers(loggers)
-    trainer = build_trainer(cfg, callbacks=False)
+    trainer = build_trainer(cfg, callbacks=False, module=module)
     try:
         return evaluate(trainer, module, datamodule, benchmark, output_dir)
     finally:
