@@ -110,7 +110,9 @@ def test_a_training_run_fills_its_offline_wandb_run(make_cfg, tmp_path, monkeypa
         with Image.open(staged[row[1]["path"]]) as image:
             assert image.mode == "RGB" and image.size == (width, height)
     stats = {item.key for s in records_of(run, "stats") for item in s.item}
-    assert {"cpu", "memory_percent"} <= stats, stats
+    # W&B's system monitor is on; its process `cpu` figure needs two samples, which a short run may
+    # not reach, so the machine-wide ones stand for it
+    assert "memory_percent" in stats and any(k.startswith(("cpu", "disk.", "network.")) for k in stats), stats
     (exit_record,) = records_of(run, "exit")
     assert exit_record.exit_code == 0
 
