@@ -66,6 +66,17 @@ def test_synthetic_shards_are_written_once_in_the_common_schema(tmp_path):
     assert Image.open(io.BytesIO(members[f"{key}.png"])).size == (512, 32)
 
 
+def test_a_recipe_rendered_by_two_processes_at_once_keeps_the_first_shards(tmp_path):
+    """Each process renders into a folder of its own; the one that finishes second finds the recipe's
+    folder written (by the first) and drops its copy."""
+    source = small_source(tmp_path)
+    shards = source.prepare()
+    first = read_tar(shards["val"][0])
+    source._write()  # what the slower of two processes does after the other one finished
+    assert source.prepare() == shards and read_tar(shards["val"][0]) == first
+    assert [p.name for p in source.directory.parent.iterdir()] == [source.directory.name]  # no .tmp left
+
+
 def test_synthetic_is_deterministic(tmp_path):
     a = small_source(tmp_path / "a").prepare()["test"][0]
     b = small_source(tmp_path / "b").prepare()["test"][0]

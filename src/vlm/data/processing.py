@@ -26,14 +26,37 @@ class BadSample(ValueError):
     """A sample that cannot be used; `reason` is the short name it is counted under.
 
     Reasons: `malformed_json` (the .json member does not parse), `malformed_record` (no .json member,
-    or fields missing or of the wrong type), `empty_text` (every answer is empty), `corrupt_image` (the
-    image does not decode), `missing_image` (the prompt has an `<image>` marker the sample has no image
-    for), `too_long`; the readers add `unreadable_tar` and `truncated_tar` (once per shard read).
+    fields missing or of the wrong type, pages not numbered 0..n-1), `empty_text` (every answer is
+    empty), `corrupt_image` (an image or page does not decode), `missing_image` (the prompt has more
+    `<image>` markers than the sample has images), `too_long` (prompt with every image's placeholders
+    and answer over `max_length`); the readers add `unreadable_tar` and `truncated_tar` (once per
+    shard read).
     """
 
     def __init__(self, key: str, reason: str, detail: str = "") -> None:
         super().__init__(f"sample {key!r}: {reason}" + (f" ({detail})" if detail else ""))
         self.key, self.reason = key, reason
+
+
+def image_members(raw: dict) -> list[tuple[str, bytes]]:
+    """A raw sample's images in order, as (member extension, bytes): its pages `<key>.0.png`,
+    `<key>.1.png`, ... by index, or else its plain `<key>.<ext>` members (IMAGE_EXTENSIONS order; see
+    `vlm.data.shards`). Pages together with a plain image, or page numbers that are not 0..n-1, make
+    a `malformed_record`."""
+    plain = [(ext, raw[ext]) for ext in IMAGE_EXTENSIONS if ext in raw]
+    pages: dict[int, tuple[str, bytes]] = {}
+    for name, data in raw.items():
+        index, dot, ext = name.partition(".")
+        if dot and index.isdigit() and ext in IMAGE_EXTENSIONS:
+            pages[int(index)] = (name, data)
+    if not pages:
+        return plain
+    key = raw.get("__key__", "?")
+    if plain:
+        raise BadSample(key, "malformed_record", f"pages {sorted(pages)} and a plain .{plain[0][0]} image")
+    if sorted(pages) != list(range(len(pages))):
+        raise BadSample(key, "malformed_record", f"pages must be numbered 0..n-1, got {sorted(pages)}")
+    return [pages[i] for i in range(len(pages))]
 
 
 class SkipCounter:
@@ -170,14 +193,13 @@ class SampleProcessor:
         if not record["answers"]:
             raise BadSample(key, "empty_text", f"every answer is empty: {answers!r}")
         images = []
-        for ext in IMAGE_EXTENSIONS:
-            if ext in raw:
-                try:
-                    image = Image.open(io.BytesIO(raw[ext]))
-                    image.load()
-                except Exception as error:
-                    raise BadSample(key, "corrupt_image", f"{type(error).__name__}: {error}") from error
-                images.append(image)
+        for name, data in image_members(raw):
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            except Exception as error:
+                raise BadSample(key, "corrupt_image", f"{name}: {type(error).__name__}: {error}") from error
+            images.append(image)
         markers = record["prompt"].count(IMAGE_TOKEN)
         if markers > len(images):
             raise BadSample(
@@ -267,7 +289,11 @@ def padded(rows: list[Sequence[int]], value: int, left: bool = False) -> tuple[t
 
 class Collator:
     """Samples of `SampleProcessor` -> training tensors (right-padded `input_ids`, `labels` IGNORE_INDEX
-    but on answer and eos, `attention_mask`), the left-padded prompts for generation, the images."""
+    but on answer and eos, `attention_mask`), the left-padded prompts for generation, the images.
+
+    When every sample with images also gives each image's text as token ids (`image_text_ids`, e.g. the
+    pages of a `vlm.data.longdoc` sample), the batch has `image_text_ids`: one id tensor per image of
+    `pixel_values`, in the same order (what per-image reading losses need)."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -293,4 +319,11 @@ class Collator:
             "images_per_sample": torch.tensor([len(s["pixel_values"]) for s in samples]),
             "answers": [s["answers"] for s in samples],
             "skipped": skipped,
-        }
+        } | self.image_texts(samples)
+
+    @staticmethod
+    def image_texts(samples: list[dict]) -> dict:
+        texts = [s.get("image_text_ids") for s in samples if len(s["pixel_values"])]
+        if not texts or any(t is None for t in texts):
+            return {}
+        return {"image_text_ids": [torch.tensor(ids, dtype=torch.long) for t in texts for ids in t]}

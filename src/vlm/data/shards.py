@@ -2,6 +2,11 @@
 
 A sample is `{key, image (encoded bytes or None), image_ext, task, prompt, answers, meta}`; in a tar it
 is `<key>.<image_ext>` (the image) and `<key>.json` (everything else).
+
+A sample with several images (the pages of a document) has `images` (a list of encoded bytes, all of
+`image_ext`) instead of `image`; in a tar they are `<key>.0.<image_ext>`, `<key>.1.<image_ext>`, ...,
+in order (webdataset groups them under the key with extensions `0.png`, `1.png`, ...). The reader
+(`vlm.data.processing.image_members`) takes them by index; its prompt has one `<image>` per page.
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ def to_tar_entry(sample: dict) -> dict:
             }
         ).encode(),
     }
-    if sample.get("image") is not None:
-        entry[sample.get("image_ext", "png")] = sample["image"]
+    ext = sample.get("image_ext", "png")
+    if sample.get("images") is not None:
+        if sample.get("image") is not None:
+            raise ValueError(f"sample {sample['key']!r} has both `image` and `images`; give one")
+        entry |= {f"{i}.{ext}": page for i, page in enumerate(sample["images"])}
+    elif sample.get("image") is not None:
+        entry[ext] = sample["image"]
     return entry
 
 

@@ -10,26 +10,32 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
+from typing import ClassVar
 
+from PIL import Image
 from tqdm import tqdm
 
 from vlm.data import corpus
 from vlm.data.render import TextDoesNotFit, find_font, random_style, render
-from vlm.data.shards import read_index, write_index, write_shards
+from vlm.data.shards import INDEX_FILE, read_index, write_index, write_shards
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SyntheticText:
-    """Rendered-text OCR samples; `prepare()` writes the shards once and returns their paths per split."""
+class RenderedShards:
+    """Rendered samples written once as shards, one folder per recipe: `prepare()` renders on first use
+    and returns the shard paths per split. Subclasses say what to render (`jobs`, `render_one`);
+    `SyntheticText` (OCR lines) and `vlm.data.longdoc.LongDoc` (multi-page documents) share this."""
 
+    source_name: ClassVar[str] = "rendered"
     root: str = "data/synthetic"
     image_size: tuple[int, int] = (32, 512)  # (height, width)
     min_chars: int = 32
@@ -40,7 +46,6 @@ class SyntheticText:
     samples_per_shard: int = 1000
     fonts: list[str] = field(default_factory=lambda: ["DejaVuSans", "DejaVuSerif", "DejaVuSansMono"])
     font_sizes: list[int] = field(default_factory=lambda: [13, 14, 15])
-    prompt: str = "<image>\nRead the text."
     seed: int = 0
     workers: int = 2
 
@@ -77,25 +82,37 @@ class SyntheticText:
             for split, info in index["splits"].items()
         }
 
-    def _write(self) -> None:
+    def available_fonts(self) -> list[str | None]:
+        """The configured fonts installed here (a warning names the others); none: Pillow's own."""
         available = [f for f in self.fonts if find_font(f)]
         missing = sorted(set(self.fonts) - set(available))
         if missing:
             log.warning("fonts not installed, skipped: %s", ", ".join(missing))
-        fonts: list[str | None] = available or [None]  # Pillow's built-in font as the last resort
-        tmp = self.directory.with_name(self.directory.name + ".tmp")
+        return available or [None]
+
+    def jobs(self, split: str, count: int, fonts: list[str | None]) -> list[tuple]:
+        """What `render_one` renders for a split, one picklable job per sample (made in this process)."""
+        raise NotImplementedError
+
+    def render_one(self, job: tuple) -> dict | None:
+        """One sample in the shard schema (`vlm.data.shards`), or None when its text does not fit."""
+        raise NotImplementedError
+
+    def _write(self) -> None:
+        fonts = self.available_fonts()
+        # a folder of this process's own: two runs that render the same recipe at once do not collide
+        tmp = self.directory.with_name(f"{self.directory.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         splits = {}
         for split, count in self.counts().items():
-            texts = corpus.snippets(split, count, self.min_chars, self.max_chars, self.seed)
-            jobs = [(split, i, text, fonts) for i, text in enumerate(texts)]
+            jobs = self.jobs(split, count, fonts)
             pool = Pool(self.workers) if self.workers > 1 else None
             try:
                 rendered = (
-                    pool.imap(self._render_one, jobs, chunksize=64) if pool else map(self._render_one, jobs)
+                    pool.imap(self.render_one, jobs, chunksize=64) if pool else map(self.render_one, jobs)
                 )
                 progress = tqdm(
-                    rendered, total=len(jobs), desc=f"rendering {split}", unit="img", disable=None
+                    rendered, total=len(jobs), desc=f"rendering {split}", unit="sample", disable=None
                 )
                 samples = [s for s in progress if s is not None]
             finally:
@@ -107,11 +124,28 @@ class SyntheticText:
                 "skipped_does_not_fit": len(jobs) - len(samples),
                 "shards": [Path(s).name for s in shards],
             }
-        write_index(tmp, {"source": "synthetic", "recipe": asdict(self), "splits": splits})
-        tmp.replace(self.directory)
+        write_index(tmp, {"source": self.source_name, "recipe": asdict(self), "splits": splits})
+        try:
+            tmp.replace(self.directory)
+        except OSError:  # another process wrote the same recipe first: the same shards, keep those
+            if not (self.directory / INDEX_FILE).is_file():
+                raise
+            shutil.rmtree(tmp)
         log.info("wrote %s", self.directory)
 
-    def _render_one(self, job: tuple) -> dict | None:
+
+@dataclass
+class SyntheticText(RenderedShards):
+    """Rendered-text OCR samples: one line of prose per image, the text as the answer."""
+
+    source_name: ClassVar[str] = "synthetic"
+    prompt: str = "<image>\nRead the text."
+
+    def jobs(self, split: str, count: int, fonts: list[str | None]) -> list[tuple]:
+        texts = corpus.snippets(split, count, self.min_chars, self.max_chars, self.seed)
+        return [(split, i, text, fonts) for i, text in enumerate(texts)]
+
+    def render_one(self, job: tuple) -> dict | None:
         split, index, text, fonts = job
         rng = random.Random(f"{self.seed}-{split}-{index}")
         style = random_style(rng, fonts, self.font_sizes)
@@ -119,11 +153,9 @@ class SyntheticText:
             image = render(text, self.image_size, style)
         except TextDoesNotFit:
             return None
-        buffer = io.BytesIO()
-        image.convert("L").save(buffer, format="PNG")
         return {
             "key": f"{split}-{index:07d}",
-            "image": buffer.getvalue(),
+            "image": png_bytes(image),
             "image_ext": "png",
             "task": "ocr",
             "prompt": self.prompt,
@@ -132,13 +164,22 @@ class SyntheticText:
         }
 
 
-def main(argv: list[str]) -> None:
+def png_bytes(image: Image.Image) -> bytes:
+    """A rendered (gray) image as grayscale PNG bytes."""
+    buffer = io.BytesIO()
+    image.convert("L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def main(argv: list[str], data: str = "synthetic") -> None:
+    """Write the shards of `data=<data>` (a config whose source is a RenderedShards) with overrides."""
     from hydra.utils import instantiate
 
     from vlm.config import compose
 
     logging.basicConfig(level=logging.INFO)
-    cfg = compose("train", ["data=synthetic", *argv])
+    # no run directory is made; `hydra.run.dir` would otherwise resolve paths before Hydra knows the cwd
+    cfg = compose("train", [f"data={data}", "hydra.run.dir=.", *argv])
     source = instantiate(cfg.data.source)
     for split, shards in source.prepare().items():
         print(f"{split}: {len(shards)} shard(s) in {source.directory}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -40,11 +41,11 @@ class GenerationSet(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         try:
-            image = item.load_image() if item.image is not None else None
+            images = item.load_images()
         except (FileNotFoundError, ValueError) as error:
             return {"key": item.key, "error": str(error)}
         processor = self.processor
-        views = processor.pixel_values([] if image is None else [image])
+        views = processor.pixel_values(images)
         prompt_ids = processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
         return {
             "key": item.key,
@@ -103,6 +104,7 @@ def run_benchmark(
         tokenizer=model.tokenizer if model is not None else None,
         vision_tokens_per_image=model.vision_tokens_per_image if model is not None else None,
         image_size=tuple(model.encoder.preprocessing.size) if model is not None else None,
+        max_length=int(module.cfg.max_length) if model is not None else None,
         output_dir=output_dir,
         datamodule=datamodule,
         predictions_path=Path(predictions_path) if predictions_path is not None else None,
@@ -116,7 +118,11 @@ def run_benchmark(
     else:
         if module is None or trainer is None:
             raise ValueError("eval.py needs ckpt_path=... (generate) or predictions=... (score them)")
-        predictions = generate_predictions(trainer, module, benchmark, items, ckpt_path)
+        predictions = {}
+        for group, group_items in benchmark.generation_groups(items).items():
+            start = time.perf_counter()
+            predictions |= generate_predictions(trainer, module, benchmark, group_items, ckpt_path)
+            context.generation_seconds[group] = time.perf_counter() - start
         if trainer.is_global_zero:
             written = benchmark.write_predictions(items, predictions, _mkdir(output_dir / "predictions"))
             log.info("predictions written to %s", written)

@@ -10,9 +10,19 @@ from vlm import IGNORE_INDEX
 
 
 def answer_targets(batch: dict, eos_id: int, loss_name: str) -> list[torch.Tensor]:
-    """Each sample's answer tokens without end-of-sequence, for losses on a single rendered line."""
+    """What each image of the batch reads, as token ids without end-of-sequence: each page's own text
+    when the batch gives it (`image_text_ids`, one per image: the pages of `data=longdoc`), else each
+    sample's answer (rendered-text OCR: one image per sample, its text the answer)."""
+    if "image_text_ids" in batch:
+        texts = batch["image_text_ids"]
+        if len(texts) != len(batch["pixel_values"]):
+            raise ValueError(f"{len(texts)} image texts for {len(batch['pixel_values'])} images")
+        return [ids.to(batch["pixel_values"].device) for ids in texts]
     if not bool((batch["images_per_sample"] == 1).all()):
-        raise ValueError(f"{loss_name} > 0 needs exactly one image per sample (rendered-text OCR)")
+        raise ValueError(
+            f"{loss_name} > 0 needs exactly one image per sample (rendered-text OCR), or the text of every "
+            "image (batch['image_text_ids'], as data=longdoc gives)"
+        )
     is_answer = (batch["labels"] != IGNORE_INDEX) & (batch["labels"] != eos_id)
     return [row[mask] for row, mask in zip(batch["labels"], is_answer, strict=True)]
 
@@ -26,7 +36,7 @@ class CTCHead(nn.Module):
     the decoder never learns to read. A CTC loss on the encoder's columns (as in hybrid CTC/attention
     recognisers) keeps its features about the characters from the first step. Each column emits
     `frames_per_column` CTC frames, so a line can hold more characters than the grid has columns.
-    Single-line text only.
+    Single-line images only (a line of OCR, or a one-line page of `data=longdoc`).
     """
 
     def __init__(self, token_dim: int, rows: int, tokenizer, frames_per_column: int = 4) -> None:
@@ -61,7 +71,7 @@ class ChunkHead(nn.Module):
     font and its width, token j holds the j-th chunk of k tokens of the text. The decoder then reads
     answer token i from vision token i // k, which (with `model.vision_position_stride` = k) sits at
     a fixed distance behind it. On the default recipe this took val CER at step 1000 from 0.72 to 0.52
-    (docs/architecture.md). Single-image OCR targets only.
+    (docs/architecture.md). Targets: see `answer_targets`.
     """
 
     def __init__(self, token_dim: int, chunk_tokens: int, tokenizer) -> None:

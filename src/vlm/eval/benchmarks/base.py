@@ -23,31 +23,46 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+ImageSource = Path | bytes | Image.Image
+
+
 @dataclass
 class Item:
-    """One thing to answer: an image (a path, encoded bytes or a PIL image), a prompt, the references."""
+    """One thing to answer: an image (a path, encoded bytes or a PIL image) or a list of them (the pages
+    of a document, one `<image>` each in the prompt), a prompt, the references."""
 
     key: str
-    image: Path | bytes | Image.Image | None
+    image: ImageSource | list[ImageSource] | None
     prompt: str
     answers: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def load_image(self) -> Image.Image:
-        if isinstance(self.image, Image.Image):
-            return self.image
-        if isinstance(self.image, bytes):
-            source = io.BytesIO(self.image)
-        elif self.image is not None and Path(self.image).is_file():
-            source = self.image
+        if isinstance(self.image, list):
+            raise ValueError(f"item {self.key!r} has {len(self.image)} images: use load_images()")
+        return self._load(self.image)
+
+    def load_images(self) -> list[Image.Image]:
+        """All of the item's images in order (none, one, or its pages)."""
+        if self.image is None:
+            return []
+        return [self._load(image) for image in (self.image if isinstance(self.image, list) else [self.image])]
+
+    def _load(self, image: ImageSource | None) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image
+        if isinstance(image, bytes):
+            source = io.BytesIO(image)
+        elif image is not None and Path(image).is_file():
+            source = image
         else:
-            raise FileNotFoundError(f"item {self.key!r}: image {self.image} does not exist")
+            raise FileNotFoundError(f"item {self.key!r}: image {image} does not exist")
         try:
-            image = Image.open(source)
-            image.load()
+            loaded = Image.open(source)
+            loaded.load()
         except Exception as error:
             raise ValueError(f"item {self.key!r}: the image does not decode ({error})") from error
-        return image
+        return loaded
 
 
 @dataclass
@@ -60,7 +75,9 @@ class Context:
     image_size: tuple[int, int] | None = None  # the encoder's input (height, width)
     output_dir: Path | None = None
     datamodule: Any = None  # the run's own data (benchmark=synthetic reads its test split)
+    max_length: int | None = None  # the run's tokens per sample (prompt + answer): the LLM's window
     predictions_path: Path | None = None  # predictions= of eval.py, when scoring given outputs
+    generation_seconds: dict[str, float] = field(default_factory=dict)  # wall time per generation group
 
 
 @dataclass
@@ -93,6 +110,10 @@ class Benchmark:
 
     def limited(self, items: list[Item]) -> list[Item]:
         return items if self.limit is None else items[: self.limit]
+
+    def generation_groups(self, items: list[Item]) -> dict[str, list[Item]]:
+        """Items generated in separate passes, each timed into `Context.generation_seconds`."""
+        return {"all": items}
 
     # -- the prediction format -------------------------------------------------------------------
     def write_predictions(self, items: list[Item], predictions: dict[str, str], out_dir: Path) -> Path:
@@ -176,7 +197,7 @@ def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> li
     """Items from shards written by `python -m vlm.data.prepare` (key, image bytes, prompt, answers,
     meta); `prompt`, when given, replaces the shard's and may use {question} from the meta."""
     from vlm.data.datamodule import read_shards
-    from vlm.data.processing import IMAGE_EXTENSIONS
+    from vlm.data.processing import image_members
     from vlm.data.shards import expand_urls
 
     items = []
@@ -190,7 +211,8 @@ def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> li
             text = (
                 record["prompt"] if prompt is None else prompt.replace("{question}", meta.get("question", ""))
             )
-            image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+            images = [data for _, data in image_members(raw)]
+            image = images[0] if len(images) == 1 else images or None
             items.append(Item(key, image, text, list(record.get("answers") or []), meta))
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"shard sample {key!r} is not a prepared sample: {error}") from error

@@ -1,0 +1,362 @@
+"""Long documents with planted facts, shown as page images (vision view) or as text (text view).
+
+The question the project exists for: can a small LLM answer about a document far longer than its
+context window when the document comes as pages compressed into vision tokens? `LongDoc` builds
+documents from the offline prose corpus (`vlm.data.corpus`) with `facts_per_doc` statements "The code
+of <name> is <value>." planted at random sentence boundaries (names from `NAMES`, values of
+`value_digits` digits, unique within a document), asks about one of them ("What is the code of
+<name>?", the value as the exact answer), and renders the document into as many pages of `image_size`
+as it needs. It writes them once as shards (`RenderedShards`, as the synthetic data):
+
+    python -m vlm.data.longdoc                        # conf/data/longdoc.yaml
+    python -m vlm.data.longdoc data.source.max_chars=2000 data.source.image_size=[64,512]
+
+A sample has its pages (`<key>.0.png`, ...), the vision prompt (one `<image>` per page, then the
+question) and in `meta` the document text, the question, the page boundaries and the page with the
+answer. The view is chosen when a sample is read (`LongDocView`, `data.view`), so both views show the
+same samples: `vision` the pages; `text` the document text followed by the question, the document cut
+at its END (its beginning kept, at a word boundary) when the prompt and the answer would not fit in
+`max_length` tokens (`text_prompt`); `both` each sample as one or the other.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vlm import IMAGE_TOKEN
+from vlm.data import corpus
+from vlm.data.datamodule import ShardDataModule, stable_seed
+from vlm.data.processing import BadSample, SampleProcessor
+from vlm.data.render import TextDoesNotFit, load_font, random_style, render, wrap
+from vlm.data.synthetic import RenderedShards, main, png_bytes
+
+NAMES = (
+    "Alder", "Aster", "Basil", "Birch", "Cedar", "Clover", "Dahlia", "Daisy",
+    "Elm", "Fennel", "Ginger", "Hazel", "Heron", "Iris", "Juniper", "Kestrel",
+    "Larch", "Lupin", "Maple", "Myrtle", "Nettle", "Oak", "Poplar", "Quince",
+    "Rowan", "Sorrel", "Tansy", "Thistle", "Umber", "Violet", "Willow", "Yarrow",
+)  # fmt: skip
+FACT = "The code of {name} is {value}."
+QUESTION = "What is the code of {name}?"
+VIEWS = ("vision", "text", "both")
+MARGIN = 4  # pixels around the text of a page (render's margin)
+
+
+@dataclass(frozen=True)
+class Fact:
+    name: str
+    value: str
+    start: int  # character offset of the statement in the document
+
+    @property
+    def statement(self) -> str:
+        return FACT.format(name=self.name, value=self.value)
+
+    @property
+    def value_start(self) -> int:
+        """Character offset of the value in the document."""
+        return self.start + len(self.statement) - len(self.value) - 1
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    facts: tuple[Fact, ...]
+    asked: int  # the fact the question is about
+
+    @property
+    def answer(self) -> Fact:
+        return self.facts[self.asked]
+
+
+@functools.lru_cache
+def _paragraphs(split: str) -> tuple[str, ...]:
+    # a literal <image> in the prose would read as a placeholder in the text view
+    return tuple(p for p in corpus.paragraphs_for(split) if IMAGE_TOKEN not in p)
+
+
+def paginate(text: str, font, size: tuple[int, int], margin: int = MARGIN) -> list[str]:
+    """`text` word-wrapped to the page width and cut into pages of as many lines as `render` fits in
+    one image of `size` (height, width); the pages joined by spaces give `text` back."""
+    height, width = size
+    lines = wrap(text, font, width - 2 * margin)
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (font.size, 0)
+    per_page = (height - 2 * margin + descent) // (ascent + descent)
+    if per_page < 1:
+        raise TextDoesNotFit(f"not one line of {ascent + descent}px fits in a page of {height}px")
+    return [" ".join(lines[i : i + per_page]) for i in range(0, len(lines), per_page)]
+
+
+@dataclass
+class LongDoc(RenderedShards):
+    """Multi-page documents with planted facts and one question each (see the module docstring).
+
+    `image_size` is the page size; documents are `min_chars`..`max_chars` characters (uniform), so the
+    page count follows from the length and the font. One style (font, size, ink, paper) per document.
+    """
+
+    source_name: ClassVar[str] = "longdoc"
+    root: str = "data/longdoc"
+    min_chars: int = 100
+    max_chars: int = 1000
+    num_train: int = 8000
+    num_val: int = 256
+    num_test: int = 256
+    samples_per_shard: int = 500
+    facts_per_doc: int = 1
+    value_digits: int = 3
+    question: str = QUESTION  # {name}: the asked fact's name
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if "{name}" not in self.question or IMAGE_TOKEN in self.question:
+            raise ValueError(
+                f"data.source.question={self.question!r} must contain {{name}} and no {IMAGE_TOKEN}"
+            )
+        if not 1 <= self.facts_per_doc <= len(NAMES):
+            raise ValueError(f"data.source.facts_per_doc={self.facts_per_doc}: expected 1..{len(NAMES)}")
+        if not 1 <= self.value_digits <= 9 or 9 * 10 ** (self.value_digits - 1) < self.facts_per_doc:
+            raise ValueError(
+                f"data.source.value_digits={self.value_digits}: expected 1..9 digits, enough values for "
+                f"facts_per_doc={self.facts_per_doc} distinct ones"
+            )
+        if not 0 < self.min_chars <= self.max_chars:
+            raise ValueError(
+                f"data.source: need 0 < min_chars <= max_chars, got {self.min_chars}..{self.max_chars}"
+            )
+
+    def values(self) -> list[str]:
+        """Every possible value (the text view reserves room for the longest)."""
+        low = 10 ** (self.value_digits - 1) if self.value_digits > 1 else 0
+        return [str(v) for v in range(low, 10**self.value_digits)]
+
+    def document(self, split: str, tag: str, length: int | None = None) -> Document:
+        """The document of sample `tag` of a split, `length` characters (default: drawn), deterministic."""
+        rng = random.Random(f"{self.seed}-{split}-{tag}")
+        length = rng.randint(self.min_chars, self.max_chars) if length is None else length
+        names = rng.sample(NAMES, self.facts_per_doc)
+        values = rng.sample(self.values(), self.facts_per_doc)
+        statements = [FACT.format(name=n, value=v) for n, v in zip(names, values, strict=True)]
+        filler = self._filler(rng, split, length - sum(len(s) + 1 for s in statements))
+        # facts go at sentence boundaries (or anywhere, when the filler has too few of them)
+        slots = [i for i in range(len(filler) + 1) if i == 0 or filler[i - 1].endswith(".")]
+        if len(slots) < len(statements):
+            slots = list(range(len(filler) + 1))
+        positions = sorted(
+            rng.choices(slots, k=len(statements))
+        )  # fact k goes before filler word positions[k]
+        pieces: list[str] = []
+        facts: list[Fact] = []
+        offset = 0
+        for i in range(len(filler) + 1):
+            while len(facts) < len(statements) and positions[len(facts)] == i:
+                k = len(facts)
+                facts.append(Fact(names[k], values[k], offset))
+                pieces.append(statements[k])
+                offset += len(statements[k]) + 1
+            if i < len(filler):
+                pieces.append(filler[i])
+                offset += len(filler[i]) + 1
+        asked = rng.randrange(len(facts))
+        return Document(" ".join(pieces), tuple(facts), asked)
+
+    def _filler(self, rng: random.Random, split: str, chars: int) -> list[str]:
+        """Words of consecutive corpus paragraphs from a random one on, at most `chars` characters."""
+        if chars < 0:
+            raise ValueError(
+                f"a document of {self.min_chars} characters cannot hold {self.facts_per_doc} fact(s) "
+                f"({FACT}); raise data.source.min_chars"
+            )
+        paragraphs = _paragraphs(split)
+        words: list[str] = []
+        used, index = -1, rng.randrange(len(paragraphs))
+        while True:
+            for word in paragraphs[index % len(paragraphs)].split(" "):
+                if used + 1 + len(word) > chars:
+                    return words
+                words.append(word)
+                used += 1 + len(word)
+            index += 1
+
+    def sample(
+        self, split: str, tag: str, fonts: Sequence[str | None], length: int | None = None
+    ) -> dict | None:
+        """Sample `<split>-<tag>` in the shard schema with its pages rendered, or None when a word is
+        wider than a page."""
+        doc = self.document(split, tag, length)
+        style = random_style(random.Random(f"{self.seed}-{split}-{tag}-style"), list(fonts), self.font_sizes)
+        try:
+            pages = paginate(doc.text, load_font(style.font, style.font_size), self.image_size)
+        except TextDoesNotFit:
+            return None
+        page_starts = [0]
+        for page in pages[:-1]:
+            page_starts.append(page_starts[-1] + len(page) + 1)
+        answer_page = max(i for i, start in enumerate(page_starts) if start <= doc.answer.value_start)
+        question = self.question.format(name=doc.answer.name)
+        return {
+            "key": f"{split}-{tag}",
+            "images": [png_bytes(render(page, self.image_size, style, MARGIN)) for page in pages],
+            "image_ext": "png",
+            "task": "longdoc_qa",
+            "prompt": IMAGE_TOKEN * len(pages) + "\n" + question,
+            "answers": [doc.answer.value],
+            "meta": {
+                "source": "longdoc",
+                "split": split,
+                "document": doc.text,
+                "question": question,
+                "chars": len(doc.text),
+                "pages": len(pages),
+                "page_starts": page_starts,
+                "answer_page": answer_page,
+                "answer_start": doc.answer.value_start,
+                "facts": [{"name": f.name, "value": f.value, "start": f.start} for f in doc.facts],
+                "asked": doc.asked,
+                "font": style.font,
+                "font_size": style.font_size,
+            },
+        }
+
+    def jobs(self, split: str, count: int, fonts: list[str | None]) -> list[tuple]:
+        _paragraphs(split)  # once here, before the rendering processes fork
+        return [(split, f"{i:07d}", fonts) for i in range(count)]
+
+    def render_one(self, job: tuple) -> dict | None:
+        split, tag, fonts = job
+        return self.sample(split, tag, fonts)
+
+
+def page_texts(meta: dict) -> list[str]:
+    """The text of each page of a longdoc sample, from its document and page boundaries."""
+    starts, document = meta["page_starts"], meta["document"]
+    ends = [start - 1 for start in starts[1:]] + [len(document)]
+    return [document[start:end] for start, end in zip(starts, ends, strict=True)]
+
+
+# -- the views ---------------------------------------------------------------------------------------
+def answer_slot(tokenizer, values: Sequence[str]) -> int:
+    """Tokens kept free for the answer in the text view: the longest value and end-of-sequence."""
+    return max(len(tokenizer.encode(value)) for value in values) + 1
+
+
+def text_prompt(
+    document: str, question: str, encode: Callable[[str], Sequence[int]], budget: int
+) -> tuple[str, int]:
+    """The text view's prompt `<document>\\n<question>` in at most `budget` tokens (`encode` counts a
+    prompt's ids): the whole document when it fits, else its longest word-aligned beginning (the end
+    is cut). Returns (prompt, characters of the document kept)."""
+
+    def prompt(kept: str) -> str:
+        return f"{kept}\n{question}"
+
+    if len(encode(prompt(document))) <= budget:
+        return prompt(document), len(document)
+    if len(encode(prompt(""))) > budget:
+        raise ValueError(f"the question alone takes more than {budget} tokens: {question!r}")
+    words = document.split(" ")
+    fits, too_long = 0, len(words)  # words kept: binary search for the most that fit
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if len(encode(prompt(" ".join(words[:middle])))) <= budget:
+            fits = middle
+        else:
+            too_long = middle
+    kept = " ".join(words[:fits])
+    return prompt(kept), len(kept)
+
+
+class LongDocView:
+    """A longdoc sample shown as its pages or as its (truncated) text, then processed as usual.
+
+    `view=both` shows a training sample as text with probability `text_share` (drawn per read), an
+    evaluation sample by a hash of its key (the same view at every validation). A vision sample also
+    carries each page's text as token ids (`image_text_ids`, batched by the Collator) for per-page
+    reading losses.
+    """
+
+    def __init__(
+        self,
+        processor: SampleProcessor,
+        view: str,
+        values: Sequence[str],
+        text_share: float = 0.5,
+    ):
+        if view not in VIEWS:
+            raise ValueError(f"data.view={view!r}: expected one of {', '.join(VIEWS)}")
+        if not 0 <= text_share <= 1:
+            raise ValueError(f"data.text_share={text_share}: expected a share in [0, 1]")
+        self.processor, self.view, self.text_share = processor, view, text_share
+        self.budget = processor.max_length - answer_slot(processor.tokenizer, values)
+
+    def view_of(self, key: str) -> str:
+        if self.view != "both":
+            return self.view
+        draw = random.random() if self.processor.train else stable_seed("view", key) % 10_000 / 10_000
+        return "text" if draw < self.text_share else "vision"
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.processor.encode_prompt(prompt, 0)
+
+    def __call__(self, raw: dict) -> dict:
+        key = raw.get("__key__", "?")
+        try:
+            record = json.loads(raw["json"])
+        except (KeyError, ValueError, TypeError):
+            return self.processor(raw)  # it names what is wrong with the record
+        try:
+            meta = record["meta"]
+            document, question, pages = meta["document"], meta["question"], page_texts(meta)
+            if not isinstance(document, str) or not isinstance(question, str):
+                raise TypeError("document and question must be strings")
+        except (KeyError, TypeError, ValueError) as error:
+            raise BadSample(key, "malformed_record", f"not a longdoc sample ({error!r})") from error
+        view = self.view_of(key)
+        if view == "text":  # the pages dropped, the document's text in the prompt
+            prompt, _ = text_prompt(document, question, self.encode, self.budget)
+            raw = {"__key__": key, "json": json.dumps({**record, "prompt": prompt}).encode()}
+        sample = self.processor(raw)
+        sample["view"] = view
+        if view == "vision":
+            if len(pages) != len(sample["pixel_values"]):
+                raise BadSample(
+                    key,
+                    "malformed_record",
+                    f"{len(pages)} page texts for {len(sample['pixel_values'])} pages",
+                )
+            sample["image_text_ids"] = [self.processor.tokenizer.encode(page) for page in pages]
+        return sample
+
+
+class LongDocDataModule(ShardDataModule):
+    """`ShardDataModule` over a `LongDoc` source, each sample shown as `view` (vision, text or both)."""
+
+    def __init__(
+        self,
+        processor_factory,
+        pad_id: int,
+        source: LongDoc,
+        view: str = "vision",
+        text_share: float = 0.5,
+        **kwargs,
+    ) -> None:
+        if not isinstance(source, LongDoc):
+            raise ValueError(f"data.source must be a vlm.data.longdoc.LongDoc, got {type(source).__name__}")
+        values = source.values()
+        LongDocView(processor_factory(False), view, values, text_share)  # bad options fail here
+        self.view, self.text_share = view, text_share
+
+        def factory(train: bool) -> LongDocView:
+            return LongDocView(processor_factory(train), view, values, text_share)
+
+        super().__init__(factory, pad_id, source=source, **kwargs)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:], data="longdoc")
