@@ -64,7 +64,12 @@ RECIPES = {
 
 
 def test_every_experiment_is_a_known_recipe():
-    assert set(options("experiment")) == {*RECIPES, "ocr_tiny"}
+    assert set(options("experiment")) == {
+        *RECIPES,
+        "ocr_tiny",
+        "longdoc_cpu",
+        "longdoc_gpu",
+    }  # longdoc: test_longdoc
 
 
 @pytest.mark.parametrize("experiment", RECIPES)

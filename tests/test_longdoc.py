@@ -242,6 +242,31 @@ def test_views_of_the_same_shard_sample(tmp_path):
             LongDocView(processor(), view, values)(to_tar_entry(page_sample("plain", 1)))
 
 
+# ------------------------------------------------------------------------------------- the recipes
+@pytest.mark.parametrize("experiment", ["longdoc_cpu", "longdoc_gpu"])
+def test_recipe_documents_fit_as_pages_overflow_the_text_window_and_compress_4x(make_cfg, experiment):
+    """The arithmetic each recipe's comments state, checked on its own longest documents."""
+    from hydra.utils import instantiate
+
+    from vlm.models.vlm import VisionLanguageModel
+
+    cfg = make_cfg(f"experiment={experiment}", tiny=False)
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert isinstance(model, VisionLanguageModel)
+    tokens_per_page, window = model.vision_tokens_per_image, cfg.max_length
+    source = instantiate(cfg.data.source, workers=1)
+    proc = SampleProcessor(model.tokenizer, model.encoder.preprocessing, tokens_per_page, window)
+    budget = window - answer_slot(model.tokenizer, source.values())
+    for i in range(3):
+        sample = source.sample("test", f"longest{i}", source.available_fonts(), length=source.max_chars)
+        meta = sample["meta"]
+        assert len(proc.encode_prompt(sample["prompt"], meta["pages"])) <= budget  # every page shown
+        _, kept = text_prompt(meta["document"], meta["question"], lambda p: proc.encode_prompt(p, 0), budget)
+        assert meta["chars"] >= 3.5 * kept  # the text view sees under a third of it
+        assert len(model.tokenizer.encode(meta["document"])) >= 4 * meta["pages"] * tokens_per_page
+
+
 # ----------------------------------------------------------------------- training and the benchmark
 def recipe_overrides(data, run) -> list[str]:
     """experiment=longdoc_cpu at test size: tiny parts, a few dozen documents, two steps."""
