@@ -4,6 +4,7 @@ offline W&B runs."""
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 import lightning as L
@@ -54,6 +55,17 @@ class RaiseAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"RaiseAtStep: forced failure at step {trainer.global_step}")
+
+
+def finished_wandb_records(run_dir: Path, timeout: float = 60.0) -> list:
+    """`wandb_records` of a finished run, complete: W&B's service writes the file's last records (the
+    exit record among them) after `finish()` has returned, so wait for the exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def wandb_records(run_dir: Path) -> list:

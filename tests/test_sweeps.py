@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
-from tests.helpers import wandb_records
+from tests.helpers import finished_wandb_records
 from vlm.config import optimized_metric, single_job_argv
 from vlm.training.tracking import run_name
 
@@ -94,7 +94,7 @@ def test_an_optuna_search_returns_the_best_trial(tmp_path, data_dir, monkeypatch
     assert 1e-4 <= best_lr <= 1e-2
     for job in ("0", "1"):
         (run,) = (sweep / job / "wandb").glob("offline-run-*")
-        info = next(r.run for r in wandb_records(run) if r.WhichOneof("record_type") == "run")
+        info = next(r.run for r in finished_wandb_records(run) if r.WhichOneof("record_type") == "run")
         assert info.run_group == f"train/multiruns/{sweep.name}"
         job_overrides = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
         assert info.display_name == run_name("train", job_overrides, int(job))

@@ -9,7 +9,7 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
-from tests.helpers import wandb_records
+from tests.helpers import finished_wandb_records, wandb_records
 from vlm.eval.metrics import corpus_cer
 from vlm.training.run import train
 from vlm.training.tracking import (
@@ -37,8 +37,9 @@ def wandb_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
 
 
-def records_of(run_dir: Path, kind: str) -> list:
-    return [getattr(r, kind) for r in wandb_records(run_dir) if r.WhichOneof("record_type") == kind]
+def records_of(run_dir: Path, kind: str, finished: bool = True) -> list:
+    records = finished_wandb_records(run_dir) if finished else wandb_records(run_dir)
+    return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
 
 
 def keys_of(items) -> set[str]:
@@ -132,7 +133,7 @@ def test_runs_record_system_metrics(tmp_path, monkeypatch):
     while not stats and time.monotonic() < deadline:
         time.sleep(0.5)
         with contextlib.suppress(Exception):  # a block may be half written
-            stats = {item.key for s in records_of(run_dir, "stats") for item in s.item}
+            stats = {item.key for s in records_of(run_dir, "stats", finished=False) for item in s.item}
     run.finish()
     stats = {item.key for s in records_of(run_dir, "stats") for item in s.item}
     assert {"cpu", "memory_percent", "proc.memory.rssMB"} <= stats, stats
