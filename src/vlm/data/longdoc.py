@@ -33,7 +33,7 @@ from vlm import IMAGE_TOKEN
 from vlm.data import corpus
 from vlm.data.datamodule import ShardDataModule, stable_seed
 from vlm.data.processing import BadSample, SampleProcessor
-from vlm.data.render import TextDoesNotFit, load_font, random_style, render, wrap
+from vlm.data.render import TextDoesNotFit, line_layout, load_font, random_style, render, wrap
 from vlm.data.synthetic import RenderedShards, main, png_bytes
 
 NAMES = (
@@ -86,10 +86,9 @@ def paginate(text: str, font, size: tuple[int, int], margin: int = MARGIN) -> li
     one image of `size` (height, width); the pages joined by spaces give `text` back."""
     height, width = size
     lines = wrap(text, font, width - 2 * margin)
-    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (font.size, 0)
-    per_page = (height - 2 * margin + descent) // (ascent + descent)
+    line_height, per_page = line_layout(font, height, margin)
     if per_page < 1:
-        raise TextDoesNotFit(f"not one line of {ascent + descent}px fits in a page of {height}px")
+        raise TextDoesNotFit(f"not one line of {line_height}px fits in a page of {height}px")
     return [" ".join(lines[i : i + per_page]) for i in range(0, len(lines), per_page)]
 
 

@@ -64,14 +64,22 @@ def wrap(text: str, font, width: int) -> list[str]:
     return lines
 
 
+def line_layout(font, height: int, margin: int) -> tuple[int, int]:
+    """(line height, lines that fit) for `font` in an image `height` pixels high: the last line's
+    descent may reach into the bottom margin."""
+    # a bitmap font (Pillow without FreeType) has no metrics: its glyph box stands for them
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (font.getbbox("Ag")[3], 0)
+    line_height = ascent + descent
+    return line_height, (height - 2 * margin + descent) // line_height
+
+
 def render(text: str, size: tuple[int, int], style: RenderStyle, margin: int = 4) -> Image.Image:
     """An RGB image of `size` (height, width) showing `text` wrapped to the width, top-left aligned."""
     height, width = size
     font = load_font(style.font, style.font_size)
     lines = wrap(text, font, width - 2 * margin)
-    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (style.font_size, 0)
-    line_height = ascent + descent
-    if len(lines) * line_height > height - 2 * margin + descent:
+    line_height, fit = line_layout(font, height, margin)
+    if len(lines) > fit:
         raise TextDoesNotFit(f"{len(lines)} lines of {line_height}px do not fit in {height}px: {text!r}")
     image = Image.new("RGB", (width, height), (style.paper,) * 3)
     draw = ImageDraw.Draw(image)

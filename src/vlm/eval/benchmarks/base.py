@@ -37,11 +37,6 @@ class Item:
     answers: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def load_image(self) -> Image.Image:
-        if isinstance(self.image, list):
-            raise ValueError(f"item {self.key!r} has {len(self.image)} images: use load_images()")
-        return self._load(self.image)
-
     def load_images(self) -> list[Image.Image]:
         """All of the item's images in order (none, one, or its pages)."""
         if self.image is None:
