@@ -9,7 +9,8 @@
 
 Output: `<out>/<split>/<prefix>-000000.tar, ...` with exactly `--samples-per-shard` samples in every
 shard but the last of a split, and `<out>/index.json`: samples per split and task, the shard list per
-split and the skipped items by reason (count and the first keys with their messages).
+split and the skipped items by reason (count and the first keys with their messages). Split names and
+the prefix are plain names (letters, digits, `.`, `_`, `-`), so nothing is written outside `<out>`.
 
 Resume: the items of a split come in a fixed (sorted) order; a shard is written under a temporary name
 and renamed when complete, then `<out>/<split>/_progress.json` records it with the number of items it
@@ -37,7 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from vlm.data.shards import INDEX_FILE, TAR_FORMAT, add_to_tar, read_index, tar_keys, write_index
-from vlm.data.sources import Skip, Split
+from vlm.data.sources import Skip, Split, check_name
 
 STATE_FILE = "_progress.json"
 MAX_EXAMPLES = 5  # skipped items listed by key per reason in index.json
@@ -321,7 +322,9 @@ def write_dataset(
     `options` are the conversion settings (recorded; a resume with other options is refused).
     """
     out = Path(out)
-    prefix = prefix or source
+    prefix = check_name(prefix or source, "prefix")
+    for split in splits:
+        check_name(split.name, "split")
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be at least 1")
     out.mkdir(parents=True, exist_ok=True)

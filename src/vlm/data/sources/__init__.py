@@ -5,13 +5,20 @@ into a sample (a picklable callable, the expensive part: read, verify, rasterise
 (`vlm.data.prepare.write_dataset`) asks for the items from any position, so a re-run skips the items
 of the shards already written without converting them. An item that cannot become a sample raises
 `Skip(reason, message)` and is counted under `reason` in `index.json`.
+
+Files named by an annotation are read only from inside the folders given for them (`path_under`,
+symlinks resolved: `outside_root`), and only when they are regular files (`read_file`: `not_a_file`
+for a pipe, device or folder); an image is skipped as `image_too_large` above `MAX_IMAGE_PIXELS`
+before its pixels are decoded.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +28,9 @@ from PIL import Image
 
 # what the training reader (vlm.data.processing.IMAGE_EXTENSIONS) decodes, by Pillow format name
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# below Pillow's own limit (Image.MAX_IMAGE_PIXELS, 89.5 M), above which the training reader warns or fails
+MAX_IMAGE_PIXELS = 8192 * 8192
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class Skip(Exception):
@@ -54,15 +64,17 @@ def safe_key(text: object) -> str:
 
 
 def checked_image(data: bytes, decode: bool = True) -> tuple[bytes, str, tuple[int, int]]:
-    """(bytes, extension, (width, height)) of an encoded image, or Skip('corrupt_image').
+    """(bytes, extension, (width, height)) of an encoded image, or Skip('corrupt_image' | 'image_too_large').
 
     JPEG, PNG and WebP are kept byte for byte; other formats (TIFF, GIF, BMP, ...) are re-encoded as
-    PNG. Pillow's `verify()` checks the headers (and PNG's checksums); `decode=True` also decodes the
-    pixels, which catches truncated files that `verify()` lets through.
+    PNG. The size is checked from the header first; Pillow's `verify()` checks the headers (and PNG's
+    checksums); `decode=True` also decodes the pixels, which catches truncated files that `verify()`
+    lets through.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, size = image.format, image.size
+            check_pixels(*size)
             image.verify()
         if decode or fmt not in FORMAT_EXT:
             with Image.open(io.BytesIO(data)) as image:
@@ -71,10 +83,23 @@ def checked_image(data: bytes, decode: bool = True) -> tuple[bytes, str, tuple[i
                     if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
                         image = image.convert("RGB")
                     return encode_image(image, "png"), "png", size
+    except Skip:
+        raise
+    except Image.DecompressionBombError as error:  # Pillow's own limit, raised while reading the header
+        raise Skip("image_too_large", str(error)) from error
     except Exception as error:
         message = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "data", str(error))  # no addresses: reproducible
         raise Skip("corrupt_image", f"{type(error).__name__}: {message}") from error
     return data, FORMAT_EXT[fmt], size
+
+
+def check_pixels(width: float, height: float) -> None:
+    """Skip('image_too_large') for an image of more than MAX_IMAGE_PIXELS."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise Skip(
+            "image_too_large",
+            f"{width:.0f}x{height:.0f} pixels, more than {MAX_IMAGE_PIXELS} (MAX_IMAGE_PIXELS)",
+        )
 
 
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 90) -> bytes:
@@ -86,14 +111,32 @@ def encode_image(image: Image.Image, fmt: str = "png", quality: int = 90) -> byt
     return buffer.getvalue()
 
 
+def path_under(root: str | Path, name: str) -> Path:
+    """`root / name` with symlinks resolved, or Skip('outside_root') when that leads out of `root`
+    (`..`, an absolute name, a link to elsewhere)."""
+    folder = Path(root).resolve()
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder):
+        raise Skip("outside_root", f"{name} is {path}, outside {folder}")
+    return path
+
+
 def read_file(path: Path, reason: str = "missing_image") -> bytes:
-    """A file's bytes, or Skip(reason) when it is not there or cannot be read."""
+    """A regular file's bytes; Skip(reason) when it is not there or cannot be read, Skip('not_a_file')
+    for a pipe, device or folder (opened without blocking, checked before reading)."""
     try:
-        return path.read_bytes()
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as error:
         raise Skip(reason, str(path)) from error
     except OSError as error:
         raise Skip(reason, f"{path}: {type(error).__name__}: {error}") from error
+    with open(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise Skip("not_a_file", f"{path} is not a regular file")
+        try:
+            return file.read()
+        except OSError as error:
+            raise Skip(reason, f"{path}: {type(error).__name__}: {error}") from error
 
 
 def expand_paths(specs: str | Path | Sequence[str | Path], suffixes: Sequence[str]) -> list[Path]:
@@ -168,8 +211,18 @@ def parse_split_specs(values: Sequence[str] | None) -> dict[str, list[str]]:
         name, sep, spec = value.partition("=")
         if not sep or not name or not spec:
             raise ValueError(f"--split wants NAME=PATH, got {value!r}")
-        splits.setdefault(name, []).append(spec)
+        splits.setdefault(check_name(name, "split"), []).append(spec)
     return splits
+
+
+def check_name(name: str, what: str) -> str:
+    """A split name or shard prefix: one folder or file name inside --out, nothing that leads out of it."""
+    if not SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"--{what} {name!r}: a {what} name is one name inside --out "
+            "(letters, digits, '.', '_', '-'; not '.' or '..')"
+        )
+    return name
 
 
 def split_path_dir(spec: str) -> tuple[str, str | None]:
@@ -203,7 +256,7 @@ def common_kwargs(args) -> dict:
     return {
         "out": args.out,
         "samples_per_shard": args.samples_per_shard,
-        "prefix": args.prefix,
+        "prefix": args.prefix and check_name(args.prefix, "prefix"),
         "workers": args.workers,
         "limit": args.limit,
         "overwrite": args.overwrite,

@@ -18,8 +18,10 @@ names them yourself (repeatable).
 A sample: key `coco-<image id, 12 digits>`, the JPEG bytes as they are (checked with Pillow), prompt
 "<image>\\nDescribe the image.", answers = all the image's captions, stripped, in annotation-id order
 (training draws one per step, evaluation keeps all), meta {source, image_id, file_name}. Items are the
-images sorted by id. Skipped (counted in index.json): missing_image, corrupt_image, no_captions (an
-image without captions), malformed (an image or caption record without the fields above).
+images sorted by id. Skipped (counted in index.json): missing_image, not_a_file (a pipe, device or
+folder), outside_root (a file_name that leads out of the image folder: `..`, an absolute path, a
+symlink to elsewhere), corrupt_image, image_too_large, no_captions (an image without captions),
+malformed (an image or caption record without the fields above, a caption that is not a string).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from vlm.data.sources import (
     check_prompt,
     checked_image,
     common_kwargs,
+    path_under,
     read_file,
     split_path_dir,
 )
@@ -51,7 +54,8 @@ class CocoConverter:
     def __call__(self, key: str, item: dict) -> dict:
         if not item["captions"]:
             raise Skip("no_captions", item["file_name"])
-        data, ext, _ = checked_image(read_file(Path(item["path"])), self.decode_check)
+        path = path_under(item["folder"], item["file_name"])
+        data, ext, _ = checked_image(read_file(path), self.decode_check)
         return {
             "image": data,
             "image_ext": ext,
@@ -107,7 +111,7 @@ def coco_split(name: str, annotations: str | Path, images: str | Path) -> Split:
         {
             "image_id": image_id,
             "file_name": records[image_id]["file_name"],
-            "path": str(images / records[image_id]["file_name"]),
+            "folder": str(images),
             "captions": [c for _, _, c in sorted(captions.get(image_id, [])) if c],
         }
         for image_id in sorted(records)

@@ -22,7 +22,9 @@ A sample: key `docvqa-<questionId>`, the page image as it is (PNG; checked with 
 docId, question, question_types (when given)}. The test split has no answers: its samples are written
 with `answers: []` and counted as `no_answers` per split in index.json; they are for prediction only
 (submission to the RRC server), not for training or local scoring. Skipped: missing_image,
-corrupt_image, malformed (no questionId, no question, no image, answers not a list of strings).
+not_a_file (a pipe, device or folder), outside_root (an image path that leads out of the JSON's folder
+or --images-root: `..`, an absolute path, a symlink to elsewhere), corrupt_image, image_too_large,
+malformed (no questionId, no question, no image, answers not a list of strings).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from vlm.data.sources import (
     expand_paths,
     iter_parquet,
     parquet_rows,
+    path_under,
     read_file,
     safe_key,
 )
@@ -65,16 +68,19 @@ class DocVQAConverter:
             return value
         if not isinstance(value, str) or not value:
             raise Skip("malformed", "no image")
-        candidates = [Path(base) / value]
+        candidates = [(base, value)]
         if self.images_root:
-            candidates += [Path(self.images_root) / value, Path(self.images_root) / Path(value).name]
-        for path in candidates:
-            if path.is_file():
+            candidates += [(self.images_root, value), (self.images_root, Path(value).name)]
+        paths = [path_under(folder, name) for folder, name in candidates]
+        for path in paths:
+            if path.exists():
                 return read_file(path)
-        raise Skip("missing_image", " or ".join(str(p) for p in dict.fromkeys(candidates)))
+        raise Skip("missing_image", " or ".join(str(p) for p in dict.fromkeys(paths)))
 
     def __call__(self, key: str, item: dict) -> dict:
         record = item["record"]
+        if record.get("questionId") in (None, ""):
+            raise Skip("malformed", "no questionId")
         question = record.get("question")
         if not isinstance(question, str) or not question.strip():
             raise Skip("malformed", "no question")

@@ -2,10 +2,11 @@
 
 Two layouts, per `--split NAME=PATH[:PDF_DIR]` (repeatable):
   - a folder of page pairs as olmOCR's `prepare_olmocrmix` writes them: `X.pdf` + `X.md`, searched
-    recursively; the .md is YAML front matter between `---` lines (primary_language,
-    is_rotation_valid, rotation_correction, is_table, is_diagram) followed by the natural text. The
-    PDF is `X.pdf` next to the .md, else `PDF_DIR/<relative path of X>.pdf`. Items: .md files sorted
-    by relative path; key `olmocr-<relative path without .md>`.
+    recursively; the .md (UTF-8) is YAML front matter between `---` lines (primary_language,
+    is_rotation_valid, rotation_correction, is_table, is_diagram; flat `key: value`, at most 16 KiB,
+    no anchors or aliases) followed by the natural text. The PDF is `X.pdf` next to the .md, else
+    `PDF_DIR/<relative path of X>.pdf`. Items: .md files sorted by relative path; key
+    `olmocr-<relative path without .md>`.
   - parquet files of page responses (allenai/olmOCR-mix-0225 / -1025): column `id` (and `url`,
     `page_number`, `pdf_relpath` when present), the response fields either as top-level columns or as
     one `response` column (a JSON string or a struct). PDFs come from PDF_DIR (default: the parquet's
@@ -21,14 +22,23 @@ range, else at its first page.
     python -m vlm.data.prepare olmocr --out data/olmocr \\
         --split train=/data/olmOCR-mix-0225/train-s2pdf.parquet:/data/olmOCR-mix-0225/pdfs
 
-Rasterising: --dpi (default 100) scales the page (72 PDF units per inch); --max-side caps the long
-side in pixels (the scale shrinks, never the aspect ratio). Rotation: `rotation_correction` (0, 90, 180,
-270) is applied as a CLOCKWISE rotation of the rendered page, as olmOCR's own pipeline does
-(`img.rotate(-rotation_correction, expand=True)`), so that the stored image is upright. Images are PNG
-(--image-format jpeg for JPEG). Prompt "<image>\\nRead the page."; meta {source, id, url, page_number,
-primary_language, is_table, is_diagram, rotation_correction}. Skipped: no_text (natural_text null or
-empty), missing_pdf, bad_pdf (cannot be opened or rendered), empty_pdf (zero pages), malformed (a row
-or front matter without the fields above, a rotation that is not a multiple of 90).
+Rasterising: --dpi (default 100) scales the page (72 PDF units per inch); --max-side (default 2048,
+0 for none) caps the long side in pixels (the scale shrinks, never the aspect ratio). 2048 is above
+what every encoder takes in (DeepEncoder large 1280; gundam a 1024 global view plus 640 px tiles, 1920
+across for 3x3; SigLIP 224 to 512), so the cap loses no detail a model sees while a page stays under
+4.2 M pixels: a letter page at 100 dpi (850x1100) is not touched, one at 300 dpi becomes about
+1580x2048. A page over MAX_IMAGE_PIXELS (`vlm.data.sources`) is skipped before it is rendered.
+
+Rotation: `rotation_correction` (0, 90, 180, 270) is applied as a CLOCKWISE rotation of the rendered
+page, as olmOCR's own pipeline does (`img.rotate(-rotation_correction, expand=True)`), so that the
+stored image is upright. Images are PNG (--image-format jpeg for JPEG). Prompt "<image>\\nRead the
+page."; meta {source, id, url, page_number, primary_language, is_table, is_diagram,
+rotation_correction}. Skipped: no_text (natural_text null or empty), missing_pdf, not_a_file (a pipe,
+device or folder), outside_root (a PDF or page file that leads out of its folder: `..` or an absolute
+path in an id or pdf_relpath, a symlink to elsewhere), bad_pdf (cannot be opened or rendered),
+empty_pdf (zero pages), image_too_large, bad_encoding (a .md that is not UTF-8), unsafe_yaml (front
+matter over the size cap, nested too deeply, or with anchors or aliases), malformed (a row or front
+matter without the fields above, a rotation that is not a multiple of 90).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from vlm.data.sources import (
     Skip,
     Split,
     add_split_argument,
+    check_pixels,
     check_prompt,
     common_kwargs,
     concat_reads,
@@ -51,11 +62,15 @@ from vlm.data.sources import (
     expand_paths,
     iter_parquet,
     parquet_rows,
+    path_under,
+    read_file,
     safe_key,
     split_path_dir,
 )
 
 DEFAULT_PROMPT = "<image>\nRead the page."
+DEFAULT_MAX_SIDE = 2048  # pixels; above every encoder's input size (see the module docstring)
+MAX_FRONT_MATTER = 16 * 1024  # characters; olmOCR's front matter is five short lines
 RESPONSE_FIELDS = (
     "primary_language",
     "is_rotation_valid",
@@ -65,6 +80,16 @@ RESPONSE_FIELDS = (
     "natural_text",
 )
 PARQUET_COLUMNS = ("id", "url", "page_number", "pdf_relpath", "response", *RESPONSE_FIELDS)
+
+
+class _FlatLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a few hundred bytes of aliases expand into billions of nodes."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise Skip("unsafe_yaml", f"front matter line {event.start_mark.line + 1}: an anchor or alias")
+        return super().compose_node(parent, index)
 
 
 def parse_markdown(text: str) -> tuple[dict, str | None]:
@@ -77,8 +102,13 @@ def parse_markdown(text: str) -> tuple[dict, str | None]:
             break
     else:
         raise Skip("malformed", "the front matter is not closed by ---")
+    front = "".join(lines[1:end])
+    if len(front) > MAX_FRONT_MATTER:
+        raise Skip("unsafe_yaml", f"front matter of {len(front)} characters, more than {MAX_FRONT_MATTER}")
     try:
-        fields = yaml.safe_load("".join(lines[1:end])) or {}
+        fields = yaml.load(front, Loader=_FlatLoader) or {}
+    except RecursionError as error:
+        raise Skip("unsafe_yaml", "front matter nested too deeply") from error
     except yaml.YAMLError as error:
         raise Skip("malformed", f"front matter: {error}") from error
     if not isinstance(fields, dict):
@@ -87,24 +117,20 @@ def parse_markdown(text: str) -> tuple[dict, str | None]:
     return fields, body
 
 
-def _no_page_objects(path: Path) -> bool:
+def _no_page_objects(data: bytes) -> bool:
     """No `/Type /Page` object in the file (its page tree is empty)."""
-    try:
-        return re.search(rb"/Type\s*/Page(?![A-Za-z])", path.read_bytes()) is None
-    except OSError:
-        return False
+    return re.search(rb"/Type\s*/Page(?![A-Za-z])", data) is None
 
 
 def rasterise(path: Path, page_number: int | None, dpi: float, max_side: int | None):
     """One page of a PDF as a PIL image (RGB) at `dpi`, the long side capped at `max_side`."""
     import pypdfium2 as pdfium
 
-    if not path.is_file():
-        raise Skip("missing_pdf", str(path))
+    data = read_file(path, "missing_pdf")
     try:
-        pdf = pdfium.PdfDocument(path)
+        pdf = pdfium.PdfDocument(data)
     except Exception as error:
-        if getattr(error, "err_code", None) == 0 and _no_page_objects(path):
+        if getattr(error, "err_code", None) == 0 and _no_page_objects(data):
             # PDFium refuses a document without pages but reports no parse error
             raise Skip("empty_pdf", path.name) from error
         raise Skip("bad_pdf", f"{path.name}: {type(error).__name__}: {error}") from error
@@ -119,7 +145,10 @@ def rasterise(path: Path, page_number: int | None, dpi: float, max_side: int | N
             scale = dpi / 72
             if max_side and max(width, height) * scale > max_side:
                 scale = max_side / max(width, height)
+            check_pixels(width * scale, height * scale)
             image = page.render(scale=scale).to_pil().convert("RGB")
+        except Skip:
+            raise
         except Exception as error:
             raise Skip("bad_pdf", f"{path.name}: {type(error).__name__}: {error}") from error
     finally:
@@ -136,17 +165,20 @@ def upright(image, rotation: int):
 class OlmOCRConverter:
     prompt: str = DEFAULT_PROMPT
     dpi: float = 100
-    max_side: int | None = None
+    max_side: int | None = DEFAULT_MAX_SIDE
     image_format: str = "png"
     jpeg_quality: int = 90
 
     def __call__(self, key: str, item: dict) -> dict:
         if "markdown" in item:
+            name = item["relative"] + ".md"
+            data = read_file(path_under(item["root"], name), "malformed")
             try:
-                text = Path(item["markdown"]).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise Skip("malformed", f"{item['markdown']}: {type(error).__name__}: {error}") from error
-            fields, body = parse_markdown(text)
+                fields, body = parse_markdown(data.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise Skip("bad_encoding", f"{name}: {error}") from error
+            except Skip as skip:
+                raise Skip(skip.reason, f"{name}: {skip.message}") from skip
             fields = {**fields, "natural_text": body, "id": item["id"]}
         else:
             fields = self.row_fields(item["row"])
@@ -202,19 +234,20 @@ class OlmOCRConverter:
     @staticmethod
     def find_pdf(item: dict, fields: dict, page_number: int | None) -> Path:
         if "markdown" in item:
-            pdf = Path(item["markdown"]).with_suffix(".pdf")
-            if not pdf.is_file() and item.get("pdf_dir"):
-                pdf = Path(item["pdf_dir"]) / (item["relative"] + ".pdf")
+            name = item["relative"] + ".pdf"
+            pdf = path_under(item["root"], name)
+            if not pdf.exists() and item.get("pdf_dir"):
+                pdf = path_under(item["pdf_dir"], name)
             return pdf
-        folder = Path(item["pdf_dir"])
         doc_id = str(fields["id"])
-        candidates = [folder / f"{doc_id}.pdf"]
+        names = [f"{doc_id}.pdf"]
         relpath = fields.get("pdf_relpath")
         if isinstance(relpath, str) and relpath:
-            candidates.append(folder / relpath.rpartition(":")[2])
+            names.append(relpath.rpartition(":")[2])
         if page_number is not None:
-            candidates.append(folder / f"{doc_id}-{page_number}.pdf")
-        return next((p for p in candidates if p.is_file()), candidates[0])
+            names.append(f"{doc_id}-{page_number}.pdf")
+        candidates = [path_under(item["pdf_dir"], name) for name in names]
+        return next((p for p in candidates if p.exists()), candidates[0])
 
 
 def _markdown_part(folder: Path, pdf_dir: str | None) -> tuple[int, object]:
@@ -222,6 +255,7 @@ def _markdown_part(folder: Path, pdf_dir: str | None) -> tuple[int, object]:
     items = [
         {
             "markdown": str(path),
+            "root": str(folder),
             "relative": path.relative_to(folder).with_suffix("").as_posix(),
             "id": path.relative_to(folder).with_suffix("").as_posix(),
             "pdf_dir": pdf_dir,
@@ -267,7 +301,7 @@ def prepare_olmocr(
     out: str | Path,
     splits: dict[str, str | Path | tuple | list],
     dpi: float = 100,
-    max_side: int | None = None,
+    max_side: int | None = DEFAULT_MAX_SIDE,
     image_format: str = "png",
     jpeg_quality: int = 90,
     prompt: str = DEFAULT_PROMPT,
@@ -298,7 +332,10 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--dpi", type=float, default=100, help="rasterising resolution (default %(default)s)")
     parser.add_argument(
-        "--max-side", type=int, default=None, help="cap on the long side of a page, in pixels"
+        "--max-side",
+        type=int,
+        default=DEFAULT_MAX_SIDE,
+        help="cap on the long side of a page, in pixels; 0: none (default %(default)s, above every encoder's input)",
     )
     parser.add_argument("--image-format", choices=("png", "jpeg"), default="png", help="stored image format")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (default %(default)s)")

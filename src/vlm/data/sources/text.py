@@ -9,8 +9,9 @@ JSON Lines files (`.jsonl`, `.jsonl.gz`; one object per line with the text under
 
 A sample: key `text-<item number, 9 digits>`, no image, prompt "" (no <image> marker), answers [text]
 (the text as it is), meta {source, file, line (JSONL, 1-based) or row (parquet, 0-based)}.
-Skipped: no_text (empty or whitespace-only text), malformed (a line that is not a JSON object, a
-missing column, a value that is not a string).
+Skipped: no_text (empty or whitespace-only text), bad_encoding (a JSONL line that is not UTF-8; the
+message names the file and line), malformed (a line that is not a JSON object, a missing column, a
+value that is not a string).
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ class TextConverter:
 
     def __call__(self, key: str, item: dict) -> dict:
         if "line" in item:
+            place = f"{item['file']} line {item['line']}"
             try:
-                record = json.loads(item["raw"])
+                line = item["raw"].decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise Skip("bad_encoding", f"{place}: {error}") from error
+            try:
+                record = json.loads(line)
             except ValueError as error:
-                raise Skip("malformed", f"line {item['line']}: {error}") from error
+                raise Skip("malformed", f"{place}: {error}") from error
             where = {"line": item["line"]}
         else:
             record, where = item["raw"], {"row": item["row"]}
@@ -66,9 +72,8 @@ class TextConverter:
 
 
 def _open(path: Path):
-    return (
-        gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
-    )
+    """Binary: each line is decoded on its own, so one that is not UTF-8 is skipped, not the file."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
 
 
 def _jsonl_part(path: Path) -> tuple[int, object]:
