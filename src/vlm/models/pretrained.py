@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
+
+from vlm.checkpoint import UnreadableCheckpointError, load_weights_only
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -34,12 +37,31 @@ def checkpoint_files(source: str) -> list[Path]:
     path = checkpoint_dir(source)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / shard for shard in shards]
+        return [path / shard for shard in index_shards(index)]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     return files
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` names (its `weight_map`: tensor -> file), each
+    present next to it."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: not JSON
+        raise UnreadableCheckpointError(
+            f"{index} is not a shard index (a JSON object whose weight_map maps tensor names to files): "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    not_files = [
+        str(shard) for shard in shards if not isinstance(shard, str) or not (index.parent / shard).is_file()
+    ]
+    if not_files:
+        raise UnreadableCheckpointError(
+            f"{index} names shards that are not files next to it: {', '.join(not_files)}"
+        )
+    return shards
 
 
 def checkpoint_dir(
@@ -88,12 +110,24 @@ def download_file(repo_id: str, names: tuple[str, ...]) -> Path:
     )
 
 
+@contextmanager
+def reading_safetensors(file: Path) -> Iterator[None]:
+    """safetensors' errors say what is wrong but not with which file: name it."""
+    try:
+        yield
+    except SafetensorError as error:
+        raise UnreadableCheckpointError(
+            f"{file} is not a readable safetensors file (empty or truncated?): {error}"
+        ) from error
+
+
 def read_checkpoint_file(file: Path) -> dict[str, torch.Tensor]:
     """All tensors of one checkpoint file: safetensors, or a torch pickle read weights-only (no code
     from the file runs)."""
     if file.suffix == ".safetensors":
-        return load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=True)
+        with reading_safetensors(file):
+            return load_file(str(file))
+    state = load_weights_only(file)
     if not isinstance(state, dict):
         raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict")
     return state
@@ -103,7 +137,7 @@ def read_tensors(source: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tens
     """The tensors of `source` whose names start with one of `prefixes`, under their checkpoint names."""
     tensors = {}
     for file in checkpoint_files(source):
-        with safe_open(str(file), framework="pt") as shard:
+        with reading_safetensors(file), safe_open(str(file), framework="pt") as shard:
             for name in shard.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if name.startswith(prefixes):
                     tensors[name] = shard.get_tensor(name)

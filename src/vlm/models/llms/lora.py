@@ -80,11 +80,12 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
 
 def merge_checkpoint(source: str, target: str) -> None:
-    """A Lightning checkpoint with LoRA adapters -> one with them merged, loadable without peft layers."""
-    from vlm.training.module import VLMModule
+    """A Lightning checkpoint with LoRA adapters -> one with them merged, loadable without peft layers.
+    The source is read weights-only and its config checked (vlm.checkpoint)."""
+    from vlm.checkpoint import load_module, read_lightning_checkpoint
 
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)  # our own training output
-    module = VLMModule.load_from_checkpoint(source, map_location="cpu", weights_only=False)
+    checkpoint = read_lightning_checkpoint(source)
+    module = load_module(source, checkpoint)
     if not has_lora(module.model):
         raise ValueError(f"{source} holds no LoRA adapters")
     merge_lora(module.model)

@@ -6,7 +6,7 @@ tokenizer directory holds `tokenizer.pkl` (a pickled tiktoken Encoding) and `tok
 may be a local directory or a Hub id (`owner/name`, or `owner/name/sub/folder` for files in a folder
 of the repo), fetched only when online and read from the Hub cache when offline.
 
-Nothing pickled runs when loading: the state dict is read with `torch.load(weights_only=True)` and
+Nothing pickled runs when loading: the state dict is read weights-only (vlm.checkpoint) and
 the tokenizer with an unpickler that resolves only what a tiktoken Encoding needs.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vlm.checkpoint import UnreadableCheckpointError, load_weights_only
 from vlm.models.llms.gpt import GPT, GPTConfig
 from vlm.models.llms.lora import apply_lora
 from vlm.models.llms.tokenizer import ByteTokenizer, NanochatTokenizer
@@ -60,7 +61,10 @@ def read_checkpoint(
     if not model_file.is_file():
         raise FileNotFoundError(f"{key}={source!r}: {meta_file.name} has no {model_file.name} next to it")
 
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as error:  # not JSON (or not text)
+        raise UnreadableCheckpointError(f"{meta_file} is not a JSON file: {error}") from error
     model_config = meta.get("model_config") if isinstance(meta, dict) else None
     missing = [k for k in MODEL_CONFIG_KEYS if not isinstance(model_config, dict) or k not in model_config]
     if missing:
@@ -69,7 +73,7 @@ def read_checkpoint(
     if extra:
         log.warning("%s: model_config keys %s are not used by this GPT", meta_file, ", ".join(extra))
 
-    state = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
+    state = load_weights_only(model_file, mmap=True)
     if not isinstance(state, dict):
         raise ValueError(f"{model_file} holds a {type(state).__name__}, not a state dict")
     not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
