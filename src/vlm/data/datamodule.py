@@ -14,9 +14,10 @@ Evaluation reads every shard once, in order; rank r keeps samples r, r + world, 
 (and within it every worker) yields the same number of usable samples, so every rank runs the same
 number of batches (a rank short of usable samples repeats its own from the start).
 
-Bad data (corrupt or missing images, malformed records, truncated or unreadable tars, empty text) is
-skipped, counted by reason (`SkipCounter`) and reported per batch (`skipped`), in `summary()` and in a
-log line at the end of fitting.
+Bad data (corrupt or missing images, malformed records, truncated or unreadable tars, empty text,
+members or images over `ReadLimits`, tar members of no sample) is skipped, counted by reason
+(`SkipCounter`) and reported per batch (`skipped`), in `summary()` and in a log line at the end of
+fitting; one bad item never stops or stalls a run.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
-from vlm.data.processing import BadSample, Collator, SampleProcessor, SkipCounter
-from vlm.data.shards import INDEX_FILE, expand_urls, split_name
+from vlm.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, open_image
+from vlm.data.processing import IMAGE_EXTENSIONS, BadSample, Collator, SampleProcessor, SkipCounter
+from vlm.data.shards import INDEX_FILE, BoundedTarInfo, UnboundedHeader, expand_urls, is_hidden, split_name
 
 log = logging.getLogger(__name__)
+# a page scan is a few MB; 64 MiB leaves room for large pages and bounds what one member can cost
+MAX_MEMBER_BYTES = 64 * 2**20
 
 # our training streams report their exact length (whole batches per worker); Lightning's generic
 # warning about IterableDataset lengths with several workers does not apply
@@ -47,40 +51,103 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 
 
 # -- reading shards ---------------------------------------------------------------------------------
-def read_shard(url: str, quiet: bool = False) -> Iterator[dict]:
+@dataclass(frozen=True)
+class ReadLimits:
+    """What one tar member may cost, checked from headers before it is read or decoded: its size
+    (`data.max_member_bytes`; only one member is held at a time, so this also bounds the memory a
+    compressed shard takes however far it inflates) and, for an image, its pixels
+    (`data.max_image_pixels`)."""
+
+    max_member_bytes: int = MAX_MEMBER_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+
+
+def read_shard(url: str, quiet: bool = False, limits: ReadLimits = ReadLimits()) -> Iterator[dict]:
     """Raw samples (`{__key__, __url__, <ext>: bytes}`) of one tar shard, members grouped by key.
 
-    A shard that cannot be opened counts as `unreadable_tar`; one that breaks off in the middle as
-    `truncated_tar`: the complete samples before the break are used, the one being read is dropped,
-    and reading goes on with the next shard. `quiet`: count nothing (a second pass over the same data).
+    A sample with a member over `limits` is dropped (`too_large`, `image_too_large`) before that
+    member is read; members of no sample (hidden names as `.x`, `__MACOSX/...`: `hidden_member`; no
+    extension, links, devices: `stray_member`) are skipped. A shard that cannot be opened counts as
+    `unreadable_tar`; one that breaks off in the middle as `truncated_tar` (or `too_large`, at a
+    header too large to read): the complete samples before the break are used, the one being read is
+    dropped, and reading goes on with the next shard. `quiet`: count nothing (a second pass over the
+    same data).
     """
-    members, current = 0, None
+
+    def skip(error: BadSample) -> None:
+        if not quiet:
+            SkipCounter.add(error)
+
+    members, current, dropped = 0, None, False
     try:
-        with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
+        with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=BoundedTarInfo) as tar:
+            for info in _headers(tar):
+                members += 1
                 name = split_name(info.name) if info.isreg() else None
                 if name is None:
+                    if not info.isdir():
+                        reason = "hidden_member" if is_hidden(info.name) else "stray_member"
+                        skip(BadSample(info.name, reason, f"in {url}: {member_kind(info)}"))
                     continue
-                data = tar.extractfile(info).read()
-                members += 1
                 key, ext = name
                 if current is not None and key != current["__key__"]:
-                    yield current
+                    if not dropped:
+                        yield current
                     current = None
                 if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = data
-        if current is not None:
+                    current, dropped = {"__key__": key, "__url__": url}, False
+                if dropped:  # a member of this sample was over the limits: the rest is not read
+                    continue
+                try:
+                    current[ext] = read_member(tar, info, key, url, limits)
+                except BadSample as error:
+                    skip(error)
+                    dropped = True
+        if current is not None and not dropped:
             yield current
     except Exception as error:
-        if not quiet:
-            reason = "truncated_tar" if members else "unreadable_tar"
-            SkipCounter.add(BadSample(url, reason, f"{type(error).__name__}: {error}"))
+        reason = "truncated_tar" if members else "unreadable_tar"
+        if isinstance(error, UnboundedHeader):
+            reason = "too_large"
+        skip(BadSample(url, reason, f"{type(error).__name__}: {error}"))
 
 
-def read_shards(urls: Iterable[str], quiet: bool = False) -> Iterator[dict]:
+def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """A tar's members in order, none kept: tarfile remembers every header it reads, which a shard of
+    many tiny members (or a compressed one that inflates to them) would make unbounded."""
+    for info in tar:
+        tar.members = []
+        yield info
+
+
+def read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, key: str, url: str, limits: ReadLimits) -> bytes:
+    """A sample's member, read once its size (and for an image, its pixel count) is within `limits`;
+    else BadSample (`too_large`, `image_too_large`) naming the shard and the member."""
+    where = f"{url}: {info.name}"
+    if info.size > limits.max_member_bytes:
+        raise BadSample(key, "too_large", f"{where}: {info.size} bytes, over {limits.max_member_bytes}")
+    data = tar.extractfile(info).read()
+    if info.name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
+        try:
+            open_image(data, limits.max_image_pixels)
+        except ImageTooLarge as error:
+            raise BadSample(key, "image_too_large", f"{where}: {error}") from error
+        except Exception:  # not an image at all: decoding says so (corrupt_image)
+            pass
+    return data
+
+
+def member_kind(info: tarfile.TarInfo) -> str:
+    if info.isreg():
+        return "a hidden name" if is_hidden(info.name) else "a name without an extension"
+    return "a link" if info.issym() or info.islnk() else "not a file (a device or fifo)"
+
+
+def read_shards(
+    urls: Iterable[str], quiet: bool = False, limits: ReadLimits = ReadLimits()
+) -> Iterator[dict]:
     for url in urls:
-        yield from read_shard(url, quiet)
+        yield from read_shard(url, quiet, limits)
 
 
 def is_local(url: str) -> bool:
@@ -89,29 +156,28 @@ def is_local(url: str) -> bool:
 
 def _tar_members(url: str) -> Iterator[tarfile.TarInfo]:
     if is_local(url):  # random access: headers only, the data is skipped by seeking
-        with tarfile.open(url.removeprefix("file://")) as tar:
-            yield from tar
+        with tarfile.open(url.removeprefix("file://"), tarinfo=BoundedTarInfo) as tar:
+            yield from _headers(tar)
     else:
-        with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            yield from tar
+        with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=BoundedTarInfo) as tar:
+            yield from _headers(tar)
 
 
 def count_samples(urls: Sequence[str]) -> int:
     """Samples in the shards, from the tar headers (local files are not read through; remote ones are
-    downloaded once). A shard that breaks off counts the samples before the break."""
+    downloaded once), as `read_shard` groups them (a run of members with one key) before any is
+    skipped. A shard that breaks off counts the samples before the break."""
     total = 0
     for url in urls:
-        keys: set[str] = set()
+        samples, last = 0, None
         try:
             for member in _tar_members(url):
                 parts = split_name(member.name) if member.isreg() else None
-                if parts is not None:
-                    keys.add(parts[0])
+                if parts is not None and parts[0] != last:
+                    samples, last = samples + 1, parts[0]
         except Exception as error:
-            log.warning(
-                "counting %s: %s: %s (%d samples before)", url, type(error).__name__, error, len(keys)
-            )
-        total += len(keys)
+            log.warning("counting %s: %s: %s (%d samples before)", url, type(error).__name__, error, samples)
+        total += samples
     return total
 
 
@@ -209,7 +275,8 @@ class ShardStream(IterableDataset):
     `urls` is a list of shard URLs (one source called `name`) or of `Source`s mixed by weight.
     Training: `batches_per_epoch` whole batches of `batch_size` per rank and epoch (None: endless);
     set `epoch` before iterating (the loader of `ShardDataModule` does). Evaluation:
-    `samples_per_rank` usable samples per rank (None: all of the rank's samples).
+    `samples_per_rank` usable samples per rank (None: all of the rank's samples). `limits` bound what
+    one tar member may cost (`ReadLimits`).
     """
 
     def __init__(
@@ -226,6 +293,7 @@ class ShardStream(IterableDataset):
         batches_per_epoch: int | None = None,
         epoch: int = 0,
         name: str = "data",
+        limits: ReadLimits = ReadLimits(),
     ) -> None:
         urls = list(urls)
         self.sources = urls if urls and isinstance(urls[0], Source) else [Source(name, urls)]
@@ -233,6 +301,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.samples_per_rank = shuffle_buffer, samples_per_rank
         self.batch_size, self.batches_per_epoch, self.epoch = batch_size, batches_per_epoch, epoch
+        self.limits = limits
         if any(s.weight < 0 for s in self.sources) or sum(s.weight for s in self.sources) <= 0:
             raise ValueError(f"source weights must be >= 0 and not all 0: {self.weights()}")
 
@@ -298,7 +367,7 @@ class ShardStream(IterableDataset):
                 if shard["url"] is None:
                     break
                 urls.append(shard["url"])
-            yield from shuffled(read_shards(urls), buffer, rng)
+            yield from shuffled(read_shards(urls, limits=self.limits), buffer, rng)
             yield _PASS_END
 
     def _process(self, raw: dict, name: str, quiet: bool = False) -> dict | None:
@@ -347,7 +416,7 @@ class ShardStream(IterableDataset):
         """Raw samples r, r + world, ... of the shards (capped at `samples_per_rank`), this worker's
         every num_workers-th of them."""
         kept = 0
-        for index, raw in enumerate(read_shards(self.urls, quiet)):
+        for index, raw in enumerate(read_shards(self.urls, quiet, self.limits)):
             if index % self.world_size != self.rank:
                 continue
             if self.samples_per_rank is not None and kept >= self.samples_per_rank:
@@ -506,7 +575,8 @@ class ShardDataModule(L.LightningDataModule):
     them; otherwise `train_urls`/`val_urls`/`test_urls` name them (paths, globs, brace patterns, any
     URL webdataset opens). With `sources` (a list of {name, train_urls, weight, val_urls, test_urls})
     training mixes them by weight; validation/test read `val_urls`/`test_urls`, or else the first
-    source's.
+    source's. `max_member_bytes` and `max_image_pixels` bound what one tar member may cost
+    (`ReadLimits`).
     """
 
     def __init__(
@@ -527,6 +597,8 @@ class ShardDataModule(L.LightningDataModule):
         name: str | None = None,
         sources=None,
         batches_per_epoch: int | None = None,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         self.processor_factory, self.pad_id = processor_factory, pad_id
@@ -540,6 +612,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.mixture is not None and train_urls is not None:
             raise ValueError("give either data.sources (a mixture) or data.train_urls, not both")
         self.batches_per_epoch = batches_per_epoch
+        self.limits = ReadLimits(max_member_bytes, max_image_pixels)
         self.report = DataReport()
         self._counts: dict[tuple[str, ...], int] = {}
 
@@ -665,6 +738,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             batch_size=self.batch_size,
             batches_per_epoch=batches,
+            limits=self.limits,
         )
         stream.check_readers(max(1, self.num_workers))  # fail here, not inside a worker
         total = sum(s.weight for s in sources)
@@ -695,6 +769,7 @@ class ShardDataModule(L.LightningDataModule):
             world_size=world,
             samples_per_rank=total // world,
             name=name,
+            limits=self.limits,
         )
         return self._loader(stream, split, self.eval_batch_size, [name])
 

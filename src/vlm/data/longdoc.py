@@ -32,7 +32,7 @@ from typing import ClassVar
 from vlm import IMAGE_TOKEN
 from vlm.data import corpus
 from vlm.data.datamodule import ShardDataModule, stable_seed
-from vlm.data.processing import BadSample, SampleProcessor
+from vlm.data.processing import BadSample, SampleProcessor, load_record
 from vlm.data.render import TextDoesNotFit, line_layout, load_font, random_style, render, wrap
 from vlm.data.synthetic import RenderedShards, main, png_bytes
 
@@ -305,10 +305,9 @@ class LongDocView:
 
     def __call__(self, raw: dict) -> dict:
         key = raw.get("__key__", "?")
-        try:
-            record = json.loads(raw["json"])
-        except (KeyError, ValueError, TypeError):
-            return self.processor(raw)  # it names what is wrong with the record
+        if "json" not in raw:
+            return self.processor(raw)  # it names what is missing
+        record = load_record(raw["json"], key)
         try:
             meta = record["meta"]
             document, question, pages = meta["document"], meta["question"], page_texts(meta)

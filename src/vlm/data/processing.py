@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from itertools import chain
@@ -16,21 +16,30 @@ import torch
 from PIL import Image, ImageOps
 
 from vlm import IGNORE_INDEX, IMAGE_TOKEN
+from vlm.data.images import ImageTooLarge, open_image, to_rgb
 from vlm.models.encoders.base import ImagePreprocessing, TiledViews
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
+MAX_JSON_DEPTH = 100  # records nest a few levels; the json module recurses per level (and can crash)
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+# \ud800..\udfff escaped, or encoded (from a str): a surrogate pair, or a lone surrogate
+SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 class BadSample(ValueError):
     """A sample that cannot be used; `reason` is the short name it is counted under.
 
     Reasons: `malformed_json` (the .json member does not parse), `malformed_record` (no .json member,
-    fields missing or of the wrong type, pages not numbered 0..n-1), `empty_text` (every answer is
-    empty), `corrupt_image` (an image or page does not decode), `missing_image` (the prompt has more
+    nested deeper than `MAX_JSON_DEPTH`, fields missing or of the wrong type, pages not numbered
+    0..n-1), `invalid_unicode` (a string holds a lone surrogate, which no tokenizer encodes),
+    `empty_text` (every answer is empty), `corrupt_image` (an image or page does not decode),
+    `image_too_large` (more pixels than allowed, from its header), `missing_image` (the prompt has more
     `<image>` markers than the sample has images), `too_long` (prompt with every image's placeholders
-    and answer over `max_length`); the readers add `unreadable_tar` and `truncated_tar` (once per
-    shard read).
+    and answer over `max_length`); the readers add `too_large` (a tar member or header over the size
+    limit), `hidden_member` and `stray_member` (tar members that belong to no sample), and
+    `unreadable_tar` and `truncated_tar` (once per shard read).
     """
 
     def __init__(self, key: str, reason: str, detail: str = "") -> None:
@@ -57,6 +66,38 @@ def image_members(raw: dict) -> list[tuple[str, bytes]]:
     if sorted(pages) != list(range(len(pages))):
         raise BadSample(key, "malformed_record", f"pages must be numbered 0..n-1, got {sorted(pages)}")
     return [pages[i] for i in range(len(pages))]
+
+
+def load_record(data: bytes | str, key: str) -> dict:
+    """A sample's `.json` member -> its record (a dict), or BadSample: `malformed_json` when it does not
+    parse, `malformed_record` when it is not an object or nests deeper than `MAX_JSON_DEPTH`,
+    `invalid_unicode` when a string holds a lone surrogate."""
+    if not isinstance(data, bytes | str):
+        raise BadSample(key, "malformed_json", f"the .json member is a {type(data).__name__}")
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    # as many opening brackets as the limit cannot nest deeper: only longer lists are scanned
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and (depth := json_depth(raw)) > MAX_JSON_DEPTH:
+        raise BadSample(key, "malformed_record", f"nested {depth} deep, over {MAX_JSON_DEPTH}")
+    try:
+        record = json.loads(data)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadSample(key, "malformed_json", f"{type(error).__name__}: {error}") from error
+    if not isinstance(record, dict):
+        raise BadSample(key, "malformed_record", f"the record is a {type(record).__name__}, not an object")
+    if (b"\\u" in raw or b"\xed" in raw) and SURROGATE.search(raw):  # finds first: the regex is slower
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise BadSample(key, "invalid_unicode", f"a lone surrogate: {error}") from error
+    return record
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep JSON text nests (brackets outside strings), without parsing it."""
+    brackets = JSON_STRING.sub(b"", raw).translate(None, NOT_BRACKETS)
+    steps = np.frombuffer(brackets, dtype=np.uint8)
+    opens = (steps == ord("[")) | (steps == ord("{"))
+    return int(np.cumsum(np.where(opens, 1, -1)).max(initial=0))
 
 
 class SkipCounter:
@@ -101,7 +142,7 @@ class ImageProcessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor | TiledViews:
         height, width = self.prep.size
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if self.prep.resize == "pad":
             # as DeepSeek-OCR's processor: fit inside, centre on the pad colour
             view = ImageOps.pad(image, (width, height), Image.Resampling.BICUBIC, self.prep.pad_color)
@@ -174,13 +215,8 @@ class SampleProcessor:
         key = raw.get("__key__", "?")
         if "json" not in raw:
             raise BadSample(key, "malformed_record", f"no .json member (members: {sorted(raw)})")
+        record = load_record(raw["json"], key)
         try:
-            record = json.loads(raw["json"])
-        except (ValueError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise BadSample(key, "malformed_json", f"{type(error).__name__}: {error}") from error
-        try:
-            if not isinstance(record, dict):
-                raise TypeError(f"the record is a {type(record).__name__}, not an object")
             answers = record["answers"]
             if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
                 raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
@@ -195,8 +231,10 @@ class SampleProcessor:
         images = []
         for name, data in image_members(raw):
             try:
-                image = Image.open(io.BytesIO(data))
+                image = open_image(data, max_pixels=None)  # the reader checked data.max_image_pixels
                 image.load()
+            except ImageTooLarge as error:
+                raise BadSample(key, "image_too_large", f"{name}: {error}") from error
             except Exception as error:
                 raise BadSample(key, "corrupt_image", f"{name}: {type(error).__name__}: {error}") from error
             images.append(image)

@@ -20,6 +20,15 @@ from pathlib import Path
 
 INDEX_FILE = "index.json"
 TAR_FORMAT = tarfile.GNU_FORMAT  # long names as GNU records; the usual member needs one header
+# a long name or pax header: tarfile reads it whole into memory before the member is seen
+MAX_HEADER_BYTES = 1 << 20
+EXTENDED_HEADERS = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 
 
 def to_tar_entry(sample: dict) -> dict:
@@ -77,18 +86,45 @@ def add_to_tar(tar: tarfile.TarFile, sample: dict) -> None:
         tar.addfile(info, io.BytesIO(data))
 
 
+class UnboundedHeader(tarfile.HeaderError):
+    """A tar header that would take unbounded memory to read (see `BoundedTarInfo`)."""
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """The TarInfo to read shards with (`tarfile.open(..., tarinfo=BoundedTarInfo)`): it raises
+    `UnboundedHeader` instead of reading into memory a long-name or pax header over
+    `MAX_HEADER_BYTES`, or a sparse map spread over extra blocks (tarfile collects those without a
+    limit). A member's own size is the reader's to check: tarfile reads no data until asked."""
+
+    def _proc_member(self, archive):
+        if self.type in EXTENDED_HEADERS and self.size > MAX_HEADER_BYTES:
+            raise UnboundedHeader(f"a {self.size}-byte extended header, over {MAX_HEADER_BYTES}")
+        if self.type == tarfile.GNUTYPE_SPARSE and self._sparse_structs[1]:
+            raise UnboundedHeader("a GNU sparse member with extended sparse headers")
+        return super()._proc_member(archive)
+
+    def _proc_gnusparse_10(self, member, pax_headers, archive):
+        raise UnboundedHeader("a GNU 1.0 sparse member (its map is read from the data)")
+
+
+def is_hidden(name: str) -> bool:
+    """A member name that starts with `.` or `__`, or lies in such a folder (`__MACOSX/`, `._key.png`)."""
+    return any(part.startswith((".", "__")) for part in name.split("/") if part not in ("", "."))
+
+
 def split_name(name: str) -> tuple[str, str] | None:
-    """`dir/key.ext.more` -> (`dir/key`, `ext.more`), as webdataset groups tar members."""
+    """`dir/key.ext.more` -> (`dir/key`, `ext.more`), as webdataset groups tar members; None for a
+    name without an extension and for hidden ones (`is_hidden`)."""
     directory, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
-    if not dot or not stem or base.startswith("__"):
+    if not dot or not stem or is_hidden(name):
         return None
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
 def tar_keys(path: Path) -> list[str]:
     """The sample keys in a shard, in order, as webdataset groups its members (`split_name`)."""
-    with tarfile.open(path) as tar:
+    with tarfile.open(path, tarinfo=BoundedTarInfo) as tar:
         names = [split_name(info.name) for info in tar if info.isreg()]
     return list(dict.fromkeys(name[0] for name in names if name is not None))
 

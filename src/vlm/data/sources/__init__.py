@@ -26,10 +26,10 @@ from typing import Any
 
 from PIL import Image
 
+from vlm.data.images import MAX_IMAGE_PIXELS, to_rgb
+
 # what the training reader (vlm.data.processing.IMAGE_EXTENSIONS) decodes, by Pillow format name
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-# below Pillow's own limit (Image.MAX_IMAGE_PIXELS, 89.5 M), above which the training reader warns or fails
-MAX_IMAGE_PIXELS = 8192 * 8192
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -81,7 +81,7 @@ def checked_image(data: bytes, decode: bool = True) -> tuple[bytes, str, tuple[i
                 image.load()
                 if fmt not in FORMAT_EXT:
                     if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
-                        image = image.convert("RGB")
+                        image = to_rgb(image)
                     return encode_image(image, "png"), "png", size
     except Skip:
         raise
@@ -105,7 +105,7 @@ def check_pixels(width: float, height: float) -> None:
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     if fmt in ("jpg", "jpeg"):
-        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+        to_rgb(image).save(buffer, format="JPEG", quality=quality)
     else:
         image.save(buffer, format="PNG")
     return buffer.getvalue()
