@@ -2,8 +2,9 @@
 
 Files written to the output directory:
 - `predictions/` (generation mode): the answers in the benchmark's own format;
-- `metrics.json`: the scores; `samples.jsonl`: one row per item; `report.md`: the tables (also as
-  `tables.json`, {name: rows}, which notebooks/compression.ipynb reads);
+- `metrics.json`: the scores (and `prediction_issues`, counts by reason of predictions that could not be
+  used as given); `samples.jsonl`: one row per item; `report.md`: the tables, including where each such
+  prediction is (also as `tables.json`, {name: rows}, which notebooks/compression.ipynb reads);
 - `plots/*.png`; and, for every configured logger, the scalars under `eval/` (W&B also gets the tables
   and plots).
 """
@@ -14,13 +15,14 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from vlm.data.processing import Collator, SampleProcessor
-from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result
+from vlm.eval.benchmarks.base import Benchmark, Context, Item, PredictionIssue, Result
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,13 @@ class GenerationSet(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        try:
+        processor = self.processor
+        try:  # an image that does not load or a prompt that does not encode (a lone surrogate)
             images = item.load_images()
+            views = processor.pixel_values(images)
+            prompt_ids = processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
         except (FileNotFoundError, ValueError) as error:
             return {"key": item.key, "error": str(error)}
-        processor = self.processor
-        views = processor.pixel_values(images)
-        prompt_ids = processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
         return {
             "key": item.key,
             "prompt_ids": prompt_ids,
@@ -79,7 +81,7 @@ def generate_predictions(trainer, module, benchmark: Benchmark, items: list[Item
         num_workers=min(2, torch.get_num_threads()) if len(items) > benchmark.batch_size else 0,
     )
     module.max_new_tokens = benchmark.max_new_tokens
-    trainer.test(module, dataloaders=loader, ckpt_path=ckpt_path, verbose=False)
+    trainer.test(module, dataloaders=loader, ckpt_path=ckpt_path, verbose=False, weights_only=True)
     for key, error in module.test_failures:
         log.warning("item %s gets no prediction: %s", key, error)
     return module.test_predictions
@@ -131,12 +133,28 @@ def run_benchmark(
         return {}
     result = benchmark.score(items, predictions, context)
     result.metrics = {"benchmark": benchmark.name, "predictions": source, **result.metrics}
+    report_issues(result, getattr(predictions, "issues", []))
     write_result(result, output_dir, benchmark.name)
     log_result(result, loggers or (trainer.loggers if trainer is not None else ()), output_dir)
     print(f"\n{benchmark.name} -> {output_dir}\n{format_table(scalars(result.metrics))}")
     for note in result.notes:
         print(f"NOTE: {note}")
     return result.metrics
+
+
+def report_issues(result: Result, issues: list[PredictionIssue], shown: int = 1000) -> None:
+    """Prediction-file issues into the result: counts by reason (metrics), a note, a table of locations."""
+    if not issues:
+        return
+    result.metrics["prediction_issues"] = {"count": len(issues), **Counter(issue.reason for issue in issues)}
+    named = ", ".join(f"{issue.location} ({issue.reason})" for issue in issues[:10])
+    more = f" and {len(issues) - 10} more (table 'prediction issues')" if len(issues) > 10 else ""
+    result.notes.append(f"{len(issues)} predictions could not be used as given: {named}{more}")
+    log.warning(result.notes[-1])
+    result.tables["prediction issues"] = [
+        {"location": i.location, "reason": i.reason, "action": i.action, "detail": i.detail}
+        for i in issues[:shown]
+    ]
 
 
 def _mkdir(path: Path) -> Path:
@@ -182,9 +200,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_result(result: Result, output_dir: Path, name: str) -> None:
-    (output_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False))
-    (output_dir / "tables.json").write_text(json.dumps(result.tables, indent=1, ensure_ascii=False))
-    with open(output_dir / "samples.jsonl", "w") as f:
+    # errors="replace": a lone surrogate left in some prediction text must not lose the results
+    utf8 = {"encoding": "utf-8", "errors": "replace"}
+    (output_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False), **utf8)
+    (output_dir / "tables.json").write_text(json.dumps(result.tables, indent=1, ensure_ascii=False), **utf8)
+    with open(output_dir / "samples.jsonl", "w", **utf8) as f:
         for row in result.samples:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     plots = {}
@@ -208,7 +228,7 @@ def write_result(result: Result, output_dir: Path, name: str) -> None:
     for table_name, rows in result.tables.items():
         report += [f"## {table_name}\n", markdown_table(rows)]
     report += [f"## {plot_name}\n\n![{plot_name}](plots/{path.name})\n" for plot_name, path in plots.items()]
-    (output_dir / "report.md").write_text("\n".join(report))
+    (output_dir / "report.md").write_text("\n".join(report), **utf8)
 
 
 def log_result(result: Result, loggers, output_dir: Path) -> None:

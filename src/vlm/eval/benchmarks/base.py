@@ -6,24 +6,33 @@ A benchmark works in two modes (see `vlm.eval.runner`):
 - with `predictions=DIR|FILE`, any model's existing outputs in that format are read instead.
 Either way the same `score` turns items + predictions into a `Result`, which the runner writes as
 metrics.json, report.md, samples.jsonl and PNG plots, and logs to the configured loggers.
+
+Prediction files are untrusted: a row that does not parse, is nested too deeply, is not a string, is not
+valid Unicode or is too long is skipped and named (file:line, reason) in `Predictions.issues`, which the
+runner counts in metrics.json and lists in report.md; the other rows are scored.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from PIL import Image
 
+from vlm.data.images import open_image
+
 log = logging.getLogger(__name__)
 
 
 ImageSource = Path | bytes | Image.Image
+
+MAX_PREDICTION_SIZE = 4 * 2**20  # characters of one prediction, bytes of its line or page file (ours: ~20 KB)
+MAX_FILE_BYTES = 256 * 2**20  # a JSON predictions file is read whole; larger ones are refused
 
 
 @dataclass
@@ -46,14 +55,14 @@ class Item:
     def _load(self, image: ImageSource | None) -> Image.Image:
         if isinstance(image, Image.Image):
             return image
-        if isinstance(image, bytes):
-            source = io.BytesIO(image)
-        elif image is not None and Path(image).is_file():
-            source = image
-        else:
-            raise FileNotFoundError(f"item {self.key!r}: image {image} does not exist")
+        if image is not None and not isinstance(image, bytes):
+            if not Path(image).is_file():  # a regular file: never a pipe or a device
+                raise FileNotFoundError(f"item {self.key!r}: image {image} does not exist")
+            image = Path(image).read_bytes()
+        if image is None:
+            raise FileNotFoundError(f"item {self.key!r} has no image")
         try:
-            loaded = Image.open(source)
+            loaded = open_image(image)  # the pixel count checked from the header before decoding
             loaded.load()
         except Exception as error:
             raise ValueError(f"item {self.key!r}: the image does not decode ({error})") from error
@@ -88,6 +97,26 @@ class Result:
 
 
 @dataclass
+class PredictionIssue:
+    """A prediction not used as given: where it is (`file:line`), why (`reason`, a short name), what was
+    done instead (`action`), and the item key when it is known."""
+
+    location: str
+    reason: str
+    action: str = "skipped"
+    detail: str = ""
+    key: str | None = None
+
+
+class Predictions(dict):
+    """{key: prediction} read from a file, with the issues met while reading it."""
+
+    def __init__(self, *args, issues: list[PredictionIssue] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.issues: list[PredictionIssue] = issues if issues is not None else []
+
+
+@dataclass
 class Benchmark:
     """Base: subclasses implement `items`, `score` and the prediction format (`write_predictions`,
     `read_predictions`); the defaults read and write one JSON object {key: prediction}."""
@@ -116,7 +145,7 @@ class Benchmark:
         path.write_text(json.dumps(predictions, indent=1, ensure_ascii=False))
         return path
 
-    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
+    def read_predictions(self, path: Path, items: list[Item]) -> Predictions:
         return read_json_predictions(path)
 
 
@@ -147,29 +176,157 @@ class JsonRowsBenchmark(Benchmark):
         path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
         return path
 
-    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
-        path = path / self.predictions_file if path.is_dir() else path
+    def read_predictions(self, path: Path, items: list[Item]) -> Predictions:
+        path = prediction_path(path, self.predictions_file)
+        issues: list[PredictionIssue] = []
         try:
-            texts = {self.row_id(row): self.row_text(row) for row in json.loads(path.read_text())}
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"predictions={path}: expected {self.row_format} ({error!r})") from error
-        return {item.key: texts[self.item_id(item)] for item in items if self.item_id(item) in texts}
+            rows = list(read_json_members(path, "[", issues))
+        except ValueError as error:
+            raise ValueError(f"predictions={path}: expected {self.row_format} ({error})") from error
+        texts = {}
+        for location, row in rows:
+            try:
+                row_id, text = self.row_id(row), self.row_text(row)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                issues.append(
+                    PredictionIssue(location, "not_a_row", detail=f"expected {self.row_format} ({error!r})")
+                )
+                continue
+            problem = prediction_problem(text)
+            if problem:
+                issues.append(PredictionIssue(location, problem, key=str(row_id)))
+                continue
+            texts[row_id] = text
+        found = {item.key: texts[self.item_id(item)] for item in items if self.item_id(item) in texts}
+        return Predictions(found, issues=issues)
 
 
-def read_json_predictions(path: Path) -> dict[str, str]:
+def read_json_predictions(path: Path) -> Predictions:
     """{key: prediction} from a JSON object, or from the `predictions.json` inside a directory."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "predictions.json"
+    path = prediction_path(path, "predictions.json")
+    issues: list[PredictionIssue] = []
+    predictions = Predictions(issues=issues)
+    for location, (key, text) in read_json_members(path, "{", issues):
+        problem = prediction_problem(text)
+        if problem:
+            issues.append(PredictionIssue(location, problem, key=key))
+        else:
+            predictions[key] = text
+    return predictions
+
+
+# -- reading untrusted prediction files ------------------------------------------------------------
+_NOT_UNICODE = re.compile("[\ud800-\udfff]")  # lone surrogates, and undecodable bytes (surrogateescape)
+_SPACE = re.compile(r"[ \t\r\n]*")
+# where reading goes on after a member that does not parse: the next line that starts a row ("{" or "[")
+# or a key ('"'); in a file without more lines, the next comma before one
+_NEXT_LINE = {
+    "[": re.compile(r"\n[ \t\r]*,?[ \t\r\n]*(?=[{\[])"),
+    "{": re.compile(r'\n[ \t\r]*,?[ \t\r\n]*(?=")'),
+}
+_NEXT_COMMA = {"[": re.compile(r",[ \t\r\n]*(?=[{\[])"), "{": re.compile(r',[ \t\r\n]*(?=")')}
+_DECODER = json.JSONDecoder()
+
+
+def prediction_path(path: Path, name: str) -> Path:
+    """`path`, or the file `name` inside it when it is a directory; FileNotFoundError when there is none."""
+    path = Path(path) / name if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions={path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"predictions={path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ValueError(f"predictions={path}: expected a JSON object {{key: predicted text}}")
-    return data
+    return path
+
+
+def prediction_problem(text) -> str | None:
+    """Why a prediction cannot be scored (a reason name), or None."""
+    if not isinstance(text, str):
+        return "not_a_string"
+    if len(text) > MAX_PREDICTION_SIZE:
+        return "too_long"
+    if _NOT_UNICODE.search(text):
+        return "invalid_unicode"
+    return None
+
+
+def read_text_capped(path: Path, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """A file's text (undecodable bytes kept as lone surrogates), refused when it is over `max_bytes`."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size} bytes, over the {max_bytes} bytes read whole")
+    return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+def read_json_members(
+    path: Path, opener: str, issues: list[PredictionIssue], max_bytes: int = MAX_FILE_BYTES
+) -> Iterator[tuple[str, object]]:
+    """The rows of the JSON list (`opener` "[") or the (key, value) members of the JSON object ("{") in
+    `path`, each with its location `file:line`. A member that does not parse is added to `issues` and
+    skipped; reading goes on at the next line that starts a row or a key (else the next comma before one)."""
+    text = read_text_capped(path, max_bytes)
+    closer = "]" if opener == "[" else "}"
+    pos = _SPACE.match(text).end()
+    if text[pos : pos + 1] != opener:
+        kind = "list [...]" if opener == "[" else "object {...}"
+        raise ValueError(f"{path}: expected a JSON {kind}")
+    pos = _SPACE.match(text, pos + 1).end()
+    line, counted = 1, 0
+    while pos < len(text) and text[pos] != closer:
+        line, counted = line + text.count("\n", counted, pos), pos
+        location = f"{path}:{line}"
+        try:
+            member, end = _json_member(text, pos, opener == "{")
+            end = _SPACE.match(text, end).end()
+            if text[end : end + 1] not in (",", closer):
+                raise ValueError(f"expected ',' or '{closer}' at character {end}")
+        except RecursionError:
+            issues.append(PredictionIssue(location, "nested_too_deep"))
+        except ValueError as error:
+            issues.append(PredictionIssue(location, "invalid_json", detail=str(error)[:200]))
+        else:
+            yield location, member
+            pos = _SPACE.match(text, end + 1).end() if text[end] == "," else end
+            continue
+        following = _NEXT_LINE[opener].search(text, pos + 1) or _NEXT_COMMA[opener].search(text, pos + 1)
+        pos = following.end() if following else len(text)
+
+
+def _json_member(text: str, pos: int, keyed: bool) -> tuple[object, int]:
+    if not keyed:
+        return _DECODER.raw_decode(text, pos)
+    key, end = _DECODER.raw_decode(text, pos)
+    colon = _SPACE.match(text, end).end()
+    if not isinstance(key, str) or text[colon : colon + 1] != ":":
+        raise ValueError(f'expected "key": value at character {pos}')
+    value, end = _DECODER.raw_decode(text, _SPACE.match(text, colon + 1).end())
+    return (key, value), end
+
+
+def read_json_lines(
+    path: Path, issues: list[PredictionIssue], max_line_bytes: int = MAX_PREDICTION_SIZE
+) -> Iterator[tuple[str, object]]:
+    """The rows of a JSON-lines file, each with its location `file:line`, read line by line (a line over
+    `max_line_bytes` is not kept in memory); a line that does not parse is added to `issues` and skipped."""
+    with open(path, "rb") as f:
+        number = 0
+        while line := f.readline(max_line_bytes + 1):
+            number += 1
+            location = f"{path}:{number}"
+            if len(line) > max_line_bytes:
+                while line and not line.endswith(b"\n"):
+                    line = f.readline(max_line_bytes)
+                issues.append(PredictionIssue(location, "too_long"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                issues.append(PredictionIssue(location, "invalid_unicode"))
+            except RecursionError:
+                issues.append(PredictionIssue(location, "nested_too_deep"))
+            except ValueError as error:
+                issues.append(PredictionIssue(location, "invalid_json", detail=str(error)[:200]))
+            else:
+                yield location, row
 
 
 def missing_predictions(items: list[Item], predictions: dict[str, str]) -> list[str]:
@@ -192,7 +349,7 @@ def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> li
     """Items from shards written by `python -m vlm.data.prepare` (key, image bytes, prompt, answers,
     meta); `prompt`, when given, replaces the shard's and may use {question} from the meta."""
     from vlm.data.datamodule import read_shards
-    from vlm.data.processing import image_members
+    from vlm.data.processing import BadSample, SkipCounter, image_members, load_record
     from vlm.data.shards import expand_urls
 
     items = []
@@ -201,7 +358,7 @@ def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> li
             break
         key = raw.get("__key__", "?")
         try:
-            record = json.loads(raw["json"])
+            record = load_record(raw.get("json"), key)
             meta = record.get("meta") or {}
             text = (
                 record["prompt"] if prompt is None else prompt.replace("{question}", meta.get("question", ""))
@@ -209,8 +366,13 @@ def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> li
             images = [data for _, data in image_members(raw)]
             image = images[0] if len(images) == 1 else images or None
             items.append(Item(key, image, text, list(record.get("answers") or []), meta))
-        except (KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"shard sample {key!r} is not a prepared sample: {error}") from error
+        except (KeyError, ValueError, TypeError) as error:  # one bad sample is skipped and named
+            log.warning(
+                "skipped shard sample %r of %s: not a prepared sample (%s)", key, raw["__url__"], error
+            )
+            SkipCounter.add(
+                error if isinstance(error, BadSample) else BadSample(key, "malformed_record", str(error))
+            )
     return items
 
 

@@ -46,7 +46,7 @@ class CocoCaptions(JsonRowsBenchmark):
         return int(row["image_id"])
 
     def row_text(self, row: dict) -> str:
-        return str(row["caption"])
+        return row["caption"]
 
     def item_id(self, item: Item) -> int:
         return int(item.meta["image_id"])

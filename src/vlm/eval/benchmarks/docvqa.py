@@ -53,7 +53,7 @@ class DocVQA(JsonRowsBenchmark):
         return str(row["questionId"])
 
     def row_text(self, row: dict) -> str:
-        return str(row["answer"])
+        return row["answer"]
 
     def item_id(self, item: Item) -> str:
         return str(item.meta["questionId"])

@@ -89,7 +89,7 @@ class Fox(JsonRowsBenchmark):
         return f"{row['lang']}/{Path(row['image']).stem}"  # = the item's key
 
     def row_text(self, row: dict) -> str:
-        return str(row["answer"])
+        return row["answer"]
 
     def _tokenizers(self, context: Context) -> dict:
         tokenizers = {}

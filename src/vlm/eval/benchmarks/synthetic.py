@@ -19,10 +19,15 @@ from vlm.eval.benchmarks.base import (
     Benchmark,
     Context,
     Item,
+    PredictionIssue,
+    Predictions,
     Result,
     curve_plot,
     empty_for_missing,
     mean,
+    prediction_path,
+    prediction_problem,
+    read_json_lines,
     shard_items,
 )
 from vlm.eval.metrics import cer, corpus_cer, corpus_wer, exact_match
@@ -133,20 +138,19 @@ class SyntheticCompression(Benchmark):
                     f.write(json.dumps({"key": item.key, "prediction": predictions[item.key]}) + "\n")
         return path
 
-    def read_predictions(self, path: Path, items: list[Item]) -> dict[str, str]:
-        path = path / "predictions.jsonl" if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"predictions={path}: no such file")
-        predictions = {}
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    predictions[row["key"]] = str(row["prediction"])
-                except (ValueError, KeyError, TypeError) as error:
-                    raise ValueError(
-                        f"predictions={path} line {number}: expected {{key, prediction}}"
-                    ) from error
+    def read_predictions(self, path: Path, items: list[Item]) -> Predictions:
+        predictions = Predictions()
+        for location, row in read_json_lines(prediction_path(path, "predictions.jsonl"), predictions.issues):
+            if not isinstance(row, dict) or not isinstance(row.get("key"), str) or "prediction" not in row:
+                predictions.issues.append(
+                    PredictionIssue(location, "not_a_row", detail="expected {key, prediction}")
+                )
+                continue
+            problem = prediction_problem(row["prediction"])
+            if problem:
+                predictions.issues.append(PredictionIssue(location, problem, key=row["key"]))
+            else:
+                predictions[row["key"]] = row["prediction"]
         return predictions
 
     def score(self, items: list[Item], predictions: dict[str, str], context: Context) -> Result:

@@ -26,6 +26,7 @@ __all__ = [
     "IGNORED_TEXT_CATEGORIES",
     "MIX_CATEGORIES",
     "TEXT_CATEGORIES",
+    "check_page",
     "image_name",
     "load_ground_truth",
     "page_elements",
@@ -53,7 +54,8 @@ def image_name(page: Page) -> str:
     return os.path.basename(page["page_info"]["image_path"])
 
 
-def _check_page(page: Any, index: int) -> None:
+def check_page(page: Any, index: int) -> None:
+    """Raise ValueError naming what is wrong with one page entry of the ground truth."""
     where = f"ground truth page {index}"
     if not isinstance(page, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(page).__name__}")
@@ -90,7 +92,7 @@ def load_ground_truth(gt: str | os.PathLike[str] | Sequence[Page]) -> list[Page]
         pages = list(gt)
     names: set[str] = set()
     for i, page in enumerate(pages):
-        _check_page(page, i)
+        check_page(page, i)
         name = image_name(page)
         if name in names:
             raise ValueError(f"ground truth page {i}: image {name} appears twice")

@@ -61,6 +61,15 @@ class PredBlock:
         return replace(self, content=content, kind=kind or self.kind)
 
 
+# matches visited by the nesting-aware table scans of one page, over all restarts: a real page needs
+# hundreds, 8000 unclosed "<table>" (56 KB) ~10^7, 40 000 ~10^8; the bound is reached in about a second
+MAX_SCAN_STEPS = 2_000_000
+
+
+class MarkdownTooComplex(ValueError):
+    """The page's table tags would take the official scanner too long to split."""
+
+
 def _blank(text: str, start: int, end: int) -> str:
     return text[:start] + " " * (end - start) + text[end:]
 
@@ -98,14 +107,20 @@ def _outermost_spans(
     matches). If begins are left open the scan restarts ``restart`` characters after the first open one.
     """
     found: list[tuple[int, str]] = []
-    offset = 0
+    offset, steps = 0, 0
     while True:
         pos, stack = 0, []
+        b, e = begin.search(text), end.search(text)  # the next ones at or after pos, kept until passed
         while pos < len(text):
-            b = begin.search(text, pos)
-            e = end.search(text, pos)
+            if b is not None and b.start() < pos:
+                b = begin.search(text, pos)
+            if e is not None and e.start() < pos:
+                e = end.search(text, pos)
             if b is None and e is None:
                 break
+            steps += 1
+            if steps > MAX_SCAN_STEPS:
+                raise MarkdownTooComplex(f"over {MAX_SCAN_STEPS} table-scan steps (unclosed table tags)")
             if b is not None and (e is None or b.start() < e.start()):
                 stack.append(b.start())
                 pos = b.start() + skip

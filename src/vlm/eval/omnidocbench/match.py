@@ -302,6 +302,19 @@ def split_pred_arrays(blocks: list[PredBlock]) -> list[PredBlock]:
 # --------------------------------------------------------------------------------- simple match
 
 
+def _single_string(tag: Any) -> str | None:
+    """bs4's ``tag.string`` (the text of a tag holding one string, possibly through single-child tags),
+    without its recursion, which fails on deeply nested markup."""
+    from bs4 import NavigableString
+
+    node = tag
+    while not isinstance(node, NavigableString):
+        if len(node.contents) != 1:
+            return None
+        node = node.contents[0]
+    return node
+
+
 def _table_cells(blocks: list[PredBlock]) -> list[PredBlock]:
     """Text blocks from the single-string ``td`` cells of unmatched predicted tables."""
     from bs4 import BeautifulSoup
@@ -309,8 +322,9 @@ def _table_cells(blocks: list[PredBlock]) -> list[PredBlock]:
     cells = []
     for block in blocks:
         for td in BeautifulSoup(block.content, "html.parser").find_all("td"):
-            if td.string:
-                cells.append(block.with_content(re.sub(r"\$\\cdot\$", "", td.string).strip(), kind=TEXT))
+            text = _single_string(td)
+            if text:
+                cells.append(block.with_content(re.sub(r"\$\\cdot\$", "", text).strip(), kind=TEXT))
     return cells
 
 

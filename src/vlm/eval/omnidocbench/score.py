@@ -25,9 +25,16 @@ Pipeline (official ``pdf_validation.py`` with ``configs/end2end.yaml``, ``End2En
   uses CDM for the formula term; without a CDM callable this uses ``1 - display_formula_edit`` and says so
   in ``overall_formula_metric``.
 
+Untrusted predictions: a page whose prediction cannot be parsed or matched (e.g. markup nested too deeply
+for a parser) is scored as an empty page and named in ``unscorable`` (it cannot score better than no
+output; a page that fails even then is dropped and named). A table pair whose trees have more than
+``teds_max_node_pairs`` node pairs is not compared and gets TEDS = TEDS-S = 0, as the official 120 s TEDS
+time-out does; those tables and any whose TEDS failed are named in ``table_issues``.
+
 Known deviations from the official code (besides its crashes, which become warnings or defaults here): the
-quick_match time-out fallback depends on machine speed; prediction files that are not valid UTF-8 are
-decoded with replacement characters instead of failing.
+quick_match time-out fallback depends on machine speed; the TEDS bound counts node pairs instead of
+seconds; prediction files that are not valid UTF-8 are decoded with replacement characters instead of
+failing.
 """
 
 from __future__ import annotations
@@ -55,27 +62,37 @@ from .ground_truth import (
 from .markdown import FORMULA, HTML_TABLE, INLINE, LATEX_TABLE, MD_TABLE, parse_markdown
 from .match import MatchedPair, MatchTimeout, quick_match, simple_match
 from .normalize import clean_text, latex_to_unicode, normalize_html_table
-from .teds import teds
+from .teds import OVER_BOUND, table_teds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OmniDocBenchResult", "read_prediction", "score_omnidocbench"]
+__all__ = [
+    "OmniDocBenchResult",
+    "decode_prediction",
+    "prediction_file",
+    "read_prediction",
+    "score_omnidocbench",
+]
 
 MissingPolicy = Literal["drop", "empty"]
 MatchMethod = Literal["quick_match", "simple_match"]
 FormulaMetric = Callable[[str, str], float]
+# 1400 x 1400 nodes (37x37 cells): TEDS + TEDS-S take about as long as the official 120 s time-out allows
+# (see teds.py); the demo's largest GT table has 100 nodes
+TEDS_MAX_NODE_PAIRS = 2_000_000
 
 
 # ----------------------------------------------------------------------------------- predictions
 
 
-def _decode(raw: bytes) -> str:
-    # text mode with universal newlines, like the official ``open(path, encoding="utf-8").read()``
+def decode_prediction(raw: bytes) -> str:
+    """A prediction file's text: UTF-8 (undecodable bytes become U+FFFD), universal newlines, like the
+    official ``open(path, encoding="utf-8").read()``."""
     return raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_prediction(folder: str | os.PathLike[str], image: str) -> str | None:
-    """The prediction for page ``image`` in ``folder``, official lookup order; ``None`` when absent."""
+def prediction_file(folder: str | os.PathLike[str], image: str) -> Path | None:
+    """The prediction file of page ``image`` in ``folder``, official lookup order; ``None`` when absent."""
     stem = image[:-4]
     for name in (
         f"{stem}.md",
@@ -85,15 +102,23 @@ def read_prediction(folder: str | os.PathLike[str], image: str) -> str | None:
     ):
         path = Path(folder) / name
         if path.is_file():
-            return _decode(path.read_bytes())
+            return path
     return None
+
+
+def read_prediction(folder: str | os.PathLike[str], image: str) -> str | None:
+    """The prediction for page ``image`` in ``folder``; ``None`` when absent."""
+    path = prediction_file(folder, image)
+    return None if path is None else decode_prediction(path.read_bytes())
 
 
 def _lookup(predictions: Mapping[str, str], image: str) -> str | None:
     for key in (image[:-4], image, image[:-4].replace(".pdf", "")):
         if key in predictions:
             text = predictions[key]
-            return _decode(text.encode("utf-8", errors="replace")) if isinstance(text, str) else None
+            return (
+                decode_prediction(text.encode("utf-8", errors="replace")) if isinstance(text, str) else None
+            )
     return None
 
 
@@ -323,7 +348,9 @@ class OmniDocBenchResult:
     ``metrics``: headline numbers (names as in ``expected_official_v1.5.json``) and sample counts;
     ``pages``: one record per GT page (attributes, page-level numbers, matched pairs);
     ``breakdowns``: page-level numbers per page attribute, and per GT block attribute under ``element``;
-    ``missing``: stems of pages without a prediction; ``samples``: every scored element per category.
+    ``missing``: stems of pages without a prediction; ``samples``: every scored element per category;
+    ``unscorable``: {stem: why} of pages whose prediction could not be scored (scored as empty);
+    ``table_issues``: tables whose TEDS was set to 0 (over the node-pair bound, or failed), with why.
     """
 
     metrics: dict[str, Any]
@@ -331,6 +358,8 @@ class OmniDocBenchResult:
     breakdowns: dict[str, Any]
     missing: list[str]
     samples: dict[str, list[dict[str, Any]]]
+    unscorable: dict[str, str] = field(default_factory=dict)
+    table_issues: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -339,6 +368,8 @@ class OmniDocBenchResult:
             "breakdowns": self.breakdowns,
             "missing": self.missing,
             "samples": self.samples,
+            "unscorable": self.unscorable,
+            "table_issues": self.table_issues,
         }
 
 
@@ -355,6 +386,7 @@ def score_omnidocbench(
     missing: MissingPolicy = "drop",
     match: MatchMethod = "quick_match",
     timeout_s: float | None = 30.0,
+    teds_max_node_pairs: int | None = TEDS_MAX_NODE_PAIRS,
     formula_metric: FormulaMetric | None = None,
 ) -> OmniDocBenchResult:
     """Score markdown predictions against OmniDocBench ground truth like the official v1.5 end-to-end eval.
@@ -367,6 +399,8 @@ def score_omnidocbench(
         match: ``"quick_match"`` (official default) or ``"simple_match"`` for text and formulas.
         timeout_s: per-page budget of quick_match before falling back to simple_match (official: 30 s);
             ``None`` for no limit.
+        teds_max_node_pairs: table pairs with more node pairs (predicted x GT tree nodes) score TEDS 0
+            without being compared (the official scorer: a 120 s time-out); ``None`` for no bound.
         formula_metric: optional ``(gt_latex, pred_latex) -> score`` (e.g. CDM) for display formulas; used
             for the overall score instead of ``1 - display_formula_edit``.
     """
@@ -384,6 +418,7 @@ def score_omnidocbench(
         find = lambda image: read_prediction(folder, image)  # noqa: E731
 
     absent: list[str] = []
+    unscorable: dict[str, str] = {}
     matched: list[_PageMatch] = []
     for page in pages:
         image = image_name(page)
@@ -393,7 +428,9 @@ def score_omnidocbench(
             if missing == "drop":
                 continue
             markdown = ""
-        matched.append(_match_page(page, markdown, match, timeout_s))
+        page_match = _match_or_empty(page, markdown, match, timeout_s, unscorable)
+        if page_match is not None:
+            matched.append(page_match)
     if absent:
         shown = ", ".join(absent[:50]) + (f", ... ({len(absent) - 50} more)" if len(absent) > 50 else "")
         action = "dropped from every metric" if missing == "drop" else "scored as empty"
@@ -424,13 +461,12 @@ def score_omnidocbench(
 
     for s in text + formulas + orders:
         s.score_edit()
+    table_issues = []
     for s in tables:
-        s.norm_gt = normalize_html_table(s.gt)
-        s.norm_pred = normalize_html_table(s.pred)
-        gt_html, pred_html = s.norm_gt or s.gt, s.norm_pred or s.pred
-        s.scores["TEDS"] = teds(pred_html, gt_html)
-        s.scores["TEDS_structure_only"] = teds(pred_html, gt_html, structure_only=True)
-        s.score_edit()
+        problem = _score_table(s, teds_max_node_pairs)
+        if problem:
+            table_issues.append({"page": s.page, "gt_idx": s.extra.get("gt_idx"), "problem": problem})
+            log.warning("%s, table %s: TEDS set to 0 (%s)", s.page, s.extra.get("gt_idx"), problem)
     if formula_metric is not None:
         for s in formulas:
             s.scores["CDM"] = float(formula_metric(_formula_cdm_input(s.gt), _formula_cdm_input(s.pred)))
@@ -468,6 +504,10 @@ def score_omnidocbench(
         metrics["sample_counts"][f"{name}_pages"] = len({_page_key(s.page) for s in samples})
     metrics["pages_scored"] = len(matched)
     metrics["pages_missing"] = len(absent)
+    metrics["pages_unscorable"] = len(unscorable)
+    metrics["tables_teds_over_bound"] = sum(t["problem"].startswith(OVER_BOUND) for t in table_issues)
+    metrics["tables_teds_failed"] = len(table_issues) - metrics["tables_teds_over_bound"]
+    metrics["teds_max_node_pairs"] = teds_max_node_pairs
     metrics["match_method"] = match
 
     attributes = {image_name(p): p["page_info"].get("page_attribute", {}) for p in pages}
@@ -490,17 +530,57 @@ def score_omnidocbench(
 
     return OmniDocBenchResult(
         metrics=metrics,
-        pages=_page_records(pages, matched, absent, page_values, by_category),
+        pages=_page_records(pages, matched, absent, unscorable, page_values, by_category),
         breakdowns=breakdowns,
         missing=absent,
         samples={name: [s.record() for s in samples] for name, samples in by_category.items()},
+        unscorable=unscorable,
+        table_issues=table_issues,
     )
+
+
+def _match_or_empty(
+    page: dict[str, Any],
+    markdown: str,
+    method: MatchMethod,
+    timeout_s: float | None,
+    unscorable: dict[str, str],
+) -> _PageMatch | None:
+    """The page matched against its prediction; if that fails, against an empty page (named in
+    ``unscorable``); if that fails too, ``None`` (the page is dropped, also named)."""
+    image = image_name(page)
+    try:
+        return _match_page(page, markdown, method, timeout_s)
+    except Exception as error:  # e.g. RecursionError in a parser on deeply nested markup
+        unscorable[image[:-4]] = f"{type(error).__name__}: {str(error)[:200]}"
+        log.warning("%s: the prediction could not be scored (%s); scored as an empty page", image, error)
+    try:
+        return _match_page(page, "", method, timeout_s)
+    except Exception as error:
+        unscorable[image[:-4]] += f"; dropped, the page fails even when empty ({type(error).__name__})"
+        log.warning("%s: the page could not be scored even as empty (%s); dropped", image, error)
+        return None
+
+
+def _score_table(sample: _Sample, max_node_pairs: int | None) -> str | None:
+    """TEDS, TEDS-S and edit distance of one table pair; why TEDS was set to 0, if it was."""
+    try:
+        sample.norm_gt = normalize_html_table(sample.gt)
+        sample.norm_pred = normalize_html_table(sample.pred)
+        gt_html, pred_html = sample.norm_gt or sample.gt, sample.norm_pred or sample.pred
+        full, structure, problem = table_teds(pred_html, gt_html, max_node_pairs)
+    except Exception as error:  # normalisation failed: TEDS 0, as any TEDS failure officially
+        full, structure, problem = 0.0, 0.0, f"{type(error).__name__}: {str(error)[:200]}"
+    sample.scores["TEDS"], sample.scores["TEDS_structure_only"] = full, structure
+    sample.score_edit()
+    return problem
 
 
 def _page_records(
     pages: list[dict[str, Any]],
     matched: list[_PageMatch],
     absent: list[str],
+    unscorable: dict[str, str],
     page_values: dict[str, dict[str, float]],
     by_category: dict[str, list[_Sample]],
 ) -> list[dict[str, Any]]:
@@ -518,6 +598,7 @@ def _page_records(
                 "stem": image[:-4],
                 "attributes": page["page_info"].get("page_attribute", {}),
                 "missing": image[:-4] in missing,
+                "unscorable": unscorable.get(image[:-4]),
                 "scored": m is not None,
                 "match_method": m.method if m else None,
                 **{name: values.get(key) for name, values in page_values.items()},
