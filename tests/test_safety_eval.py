@@ -270,9 +270,9 @@ def test_a_bad_shard_sample_is_skipped_and_named_not_fatal(tmp_path, caplog):
 
 
 def test_generation_items_that_cannot_be_read_are_named_failures(tmp_path):
-    """An image whose header claims 9000 x 9000 pixels (over MAX_IMAGE_PIXELS) is refused before decoding, a FIFO is never
-    opened, and a lone surrogate in a prompt does not reach the tokenizer's crash: each item becomes a
-    named failure of its own while the others are generated."""
+    """An image whose header claims 9000 x 9000 pixels (over MAX_IMAGE_PIXELS) is refused before
+    decoding, a FIFO is never opened, and a lone surrogate in a prompt never reaches the tokenizer: each
+    item becomes a named failure of its own while the others are generated."""
     import os
 
     from tests.test_datamodule import processor
