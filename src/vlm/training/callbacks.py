@@ -180,3 +180,37 @@ class Throughput(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._stop_counting()
+
+
+class NonFiniteLoss(L.Callback):
+    """Stops training with an error naming the step when the training loss is NaN or infinite, before the
+    optimizer step it would spoil, so no checkpoint holds the damage. Up to `patience` such steps in a row
+    are skipped instead (no parameter changes); the ranks decide together. Costs one read of a flag from
+    the device per optimizer step."""
+
+    def __init__(self, patience: int = 0) -> None:
+        if patience < 0:
+            raise ValueError(f"callbacks.non_finite_loss.patience must be >= 0, got {patience}")
+        self.patience = patience
+        self.in_a_row = 0
+        self._finite: torch.Tensor | None = None  # every loss since the last optimizer step was finite
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        finite = self._finite is None or bool(self._finite)
+        self._finite = None
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.in_a_row > self.patience:
+            raise FloatingPointError(
+                f"non-finite training loss at step {trainer.global_step} ({self.in_a_row} step(s) in a row, "
+                f"callbacks.non_finite_loss.patience={self.patience}): stopped before the optimizer step; "
+                f"the checkpoints hold the last finite state (lower optim.lr, or resume with ckpt_path=last)"
+            )
+        rank_zero_warn(f"non-finite training loss at step {trainer.global_step}: step skipped")
+        optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients alone

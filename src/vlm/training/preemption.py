@@ -5,7 +5,8 @@ A cluster that takes the machines back first sends a signal: Kubernetes and torc
 preemption. The handler only notes the signal; after each optimizer step the ranks agree on it (one
 all-reduce of a number on the CPU, through a gloo group: the GPUs are never waited for), so they all
 stop at the same step even when one rank was signalled. Then
-`trainer.save_checkpoint` writes `path` (the strategy decides who writes: DDP rank 0, FSDP as configured),
+`trainer.save_checkpoint` writes `path` (the strategy decides who writes: DDP rank 0, FSDP as configured;
+the file is replaced atomically, vlm.training.checkpointing),
 the handler that was installed before the trainer runs (submitit's: it requeues the job), and rank 0 exits
 with 128 + the signal's number, as a process killed by that signal would. `ckpt_path=<path>` (or
 `ckpt_path=last`, the run's newest `last*.ckpt`) continues from that step.
@@ -42,16 +43,34 @@ class Preempted(SystemExit):
         self.signum = signum
 
 
-def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
-    """`["SIGTERM", "SIGUSR1"]` -> signal numbers; an unknown name is an error that lists the known ones."""
-    parsed = []
+UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)  # the kernel acts on these without telling the process
+
+
+def _signal_name(name: str) -> str:
+    return name if name.startswith("SIG") else f"SIG{name}"
+
+
+def signal_problem(names: Sequence[str]) -> str | None:
+    """What makes `names` unusable as signals to catch (an unknown or an uncatchable one), or None."""
+    catchable = sorted(
+        s.name for s in signal.valid_signals() if isinstance(s, signal.Signals) and s not in UNCATCHABLE
+    )
     for name in names:
-        key = name if name.startswith("SIG") else f"SIG{name}"
+        key = _signal_name(str(name))
         if key not in signal.Signals.__members__:
-            catchable = sorted(s.name for s in signal.valid_signals() if isinstance(s, signal.Signals))
-            raise ValueError(f"callbacks.preemption.signals: unknown signal {name!r}; known: {catchable}")
-        parsed.append(signal.Signals[key])
-    return parsed
+            return f"unknown signal {name!r}; catchable: {catchable}"
+        if signal.Signals[key] in UNCATCHABLE:
+            return f"{key} cannot be caught (the process ends or stops at once); catchable: {catchable}"
+    return None
+
+
+def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
+    """`["SIGTERM", "SIGUSR1"]` -> signal numbers; an unknown or uncatchable name is an error that lists
+    the catchable ones."""
+    problem = signal_problem(names)
+    if problem:
+        raise ValueError(f"callbacks.preemption.signals: {problem}")
+    return [signal.Signals[_signal_name(name)] for name in names]
 
 
 class Preemption(L.Callback):

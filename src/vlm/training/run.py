@@ -13,10 +13,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.checkpoint import load_module
 from vlm.data.datamodule import ShardDataModule
 from vlm.data.processing import SampleProcessor
 from vlm.eval.runner import run_benchmark
 from vlm.models.vlm import VisionLanguageModel
+from vlm.training.checkpointing import AtomicCheckpointIO, ResumableCSVLogger, checkpoint_step, resume_path
+from vlm.training.checks import check_config
 from vlm.training.distributed import trainer_arguments
 from vlm.training.module import VLMModule, count_parameters
 
@@ -38,12 +41,15 @@ def build_datamodule(data_cfg: DictConfig, model: VisionLanguageModel, max_lengt
 def build_trainer(
     cfg: DictConfig, callbacks: bool = True, module: L.LightningModule | None = None
 ) -> L.Trainer:
-    """The configured Trainer; `trainer=fsdp` builds its strategy from `module` (vlm.training.distributed)."""
+    """The configured Trainer; `trainer=fsdp` builds its strategy from `module` (vlm.training.distributed).
+    Checkpoint files are replaced atomically (vlm.training.checkpointing)."""
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
     cbs = [instantiate(c) for c in cfg.callbacks.values()] if callbacks and "callbacks" in cfg else []
     trainer_cfg, built = trainer_arguments(cfg, module)
     cbs += built.pop("callbacks", [])
-    return instantiate(trainer_cfg, logger=loggers or False, callbacks=cbs, **built)
+    return instantiate(
+        trainer_cfg, logger=loggers or False, callbacks=cbs, plugins=[AtomicCheckpointIO()], **built
+    )
 
 
 def close_loggers(loggers) -> None:
@@ -72,7 +78,10 @@ def evaluate(
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit, then evaluate the best checkpoint; returns the final metrics (for sweepers)."""
+    """Fit, then evaluate the best checkpoint; returns the final metrics (for sweepers). Config values and
+    `ckpt_path` are checked first (vlm.training.checks, vlm.training.checkpointing.resume_path)."""
+    check_config(cfg)
+    ckpt_path = resume_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir) / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
     module = VLMModule(cfg)
     total, trainable = count_parameters(module.model)
@@ -86,12 +95,14 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg.data, module.model, cfg.max_length)
     trainer = build_trainer(cfg, module=module)
     for logger in trainer.loggers:
+        if isinstance(logger, ResumableCSVLogger):  # keeps the rows of the steps the checkpoint holds
+            logger.resume_step = checkpoint_step(ckpt_path) if ckpt_path else 0
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)}
         if cfg.get("test") and not trainer.fast_dev_run:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "")
             benchmark = instantiate(cfg.benchmark)
             result = evaluate(
                 trainer,
@@ -110,7 +121,9 @@ def train(cfg: DictConfig) -> dict:
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """eval.py: score `predictions=` as they are, or rebuild the model from the checkpoint's own config
-    and generate. With both, the checkpoint only supplies the tokenizer and vision-token count."""
+    (checked: vlm.checkpoint) and generate. With both, the checkpoint only supplies the tokenizer and
+    vision-token count. `data.<key>=` settings replace the checkpoint's (its paths are the training
+    machine's)."""
     predictions, ckpt_path = cfg.get("predictions"), cfg.get("ckpt_path")
     benchmark = instantiate(cfg.benchmark)
     output_dir = Path(cfg.paths.output_dir)
@@ -124,9 +137,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         raise FileNotFoundError(f"predictions={predictions} does not exist")
     module = datamodule = None
     if ckpt_path:
-        module = VLMModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
-        run_cfg = module.cfg
-        datamodule = build_datamodule(run_cfg.data, module.model, run_cfg.max_length)
+        module = load_module(ckpt_path)
+        overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+        data_cfg = OmegaConf.merge(module.cfg.data, overrides)
+        datamodule = build_datamodule(data_cfg, module.model, module.cfg.max_length)
     if predictions:
         loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
         try:

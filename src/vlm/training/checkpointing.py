@@ -1,0 +1,175 @@
+"""What a stopped run leaves for its resume: checkpoint files written atomically, `last.ckpt` at every
+validation, `ckpt_path` resolved to a checkpoint (or an error), and a CSV log that a resumed run continues.
+
+A process killed while saving leaves the previous checkpoint whole: the new one is written to a temporary
+file beside it and renamed over it (`atomic_save`). The rename is atomic only within one file system, so the
+temporary file is never in $TMPDIR (Lightning's own writer stages there and copies across, which a kill
+cuts short). Sharded FSDP checkpoints (`trainer.fsdp.state_dict_type=sharded`) are folders written by
+torch.distributed.checkpoint, outside this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import lightning as L
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+
+from vlm.checkpoint import load_weights_only
+
+log = logging.getLogger(__name__)
+
+LAST = "last"  # ckpt_path=last: the run's newest last*.ckpt, an error when there is none
+LAST_IF_ANY = "last_if_any"  # the same, or a fresh start when there is none (a requeued job's command)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write` a temporary file in `path`'s folder, flush it to disk and rename it over `path`: readers see
+    the old file or the new one, never a part. Temporary files of `path` that a killed write left behind
+    are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash of the machine
+    finally:
+        os.close(folder)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with local files written by `atomic_write`; remote ones (s3://, ...)
+    as Lightning writes them. Every `trainer.save_checkpoint` of a single-file checkpoint goes through it:
+    ModelCheckpoint, `LastCheckpoint`, the preemption callback, DDP and FSDP with full state dicts."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes `path` at the end of every validation and of training, improved or not: what `ckpt_path=last`
+    resumes from. (Lightning's ModelCheckpoint with `save_top_k=0` writes its last.ckpt only at the end.)"""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+        self._saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if (
+            trainer.fast_dev_run
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.global_step == self._saved_step
+        ):
+            return
+        trainer.save_checkpoint(self.path)  # on every rank: the strategy decides who writes
+        self._saved_step = trainer.global_step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+
+def resume_path(ckpt_path: str | None, checkpoint_dir: str | Path) -> str | None:
+    """The checkpoint `ckpt_path` names: `last` is the newest `last*.ckpt` in `checkpoint_dir`, `last_if_any`
+    the same or None (a fresh start) when there is none. Naming a checkpoint that is not there is an error,
+    never a fresh start."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path in (LAST, LAST_IF_ANY):
+        found = sorted(Path(checkpoint_dir).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if found:
+            return str(found[-1])
+        if ckpt_path == LAST_IF_ANY:
+            log.warning("ckpt_path=%s: no last*.ckpt in %s, starting afresh", LAST_IF_ANY, checkpoint_dir)
+            return None
+        raise FileNotFoundError(
+            f"ckpt_path={LAST}: no last*.ckpt in {checkpoint_dir} to resume from; name a checkpoint file, or "
+            f"use ckpt_path={LAST_IF_ANY} to start afresh when there is none"
+        )
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    return ckpt_path
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step a checkpoint file (or sharded FSDP checkpoint folder) was written at."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "meta.pt"  # Lightning's FSDP metadata file
+    return int(load_weights_only(path, mmap=True)["global_step"])
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, keeping the rows of `metrics.csv` logged before step `keep_before`."""
+
+    def __init__(self, log_dir: str, keep_before: int) -> None:
+        self.keep_before = keep_before
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes the file here
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            rows = [row for row in reader if float(row["step"]) < self.keep_before]
+            keys = sorted(reader.fieldnames or [])
+        if not rows:
+            self._fs.rm_file(self.metrics_file_path)
+            return
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, lambda file: file.write(text.getvalue().encode()))
+        self.metrics_keys = keys  # appended rows follow this header (Lightning keeps it sorted)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger that continues a resumed run's `metrics.csv`: with `resume_step` set before
+    anything is logged, the rows of the steps before it stay and the later ones (a stretch trained again
+    after the resume) go. The default, 0, starts the file afresh as Lightning does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = 0
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, keep_before=self.resume_step)
+        return self._experiment
