@@ -186,6 +186,17 @@ def test_text_line_with_bad_encoding_is_skipped_and_named(tmp_path):
     assert messages[0].startswith("a.jsonl line 2: ") and messages[1].startswith("b.jsonl.gz line 1: ")
 
 
+def test_text_line_nested_200k_deep_is_skipped_and_named(tmp_path):
+    """json.loads raises RecursionError (not a ValueError) on it: one line, not the split."""
+    lines = [json.dumps({"text": "first"}).encode(), b"[" * 200_000, json.dumps({"text": "last"}).encode()]
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    index = prepare_text(tmp_path / "out", {"train": [tmp_path / "a.jsonl"]}, **QUIET)
+    answers = [json.loads(s["json"])["answers"] for s in read_back(tmp_path / "out", index, "train")]
+    assert answers == [["first"], ["last"]]
+    assert skipped(index, "train") == {"malformed": 1}
+    assert examples(index, "train", "malformed")[0]["message"].startswith("a.jsonl line 2: ")
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
 def test_a_named_pipe_is_never_opened_for_reading(tmp_path):
     captions, images = coco_layout(

@@ -75,7 +75,7 @@ def coco_split(name: str, annotations: str | Path, images: str | Path) -> Split:
     annotations, images = Path(annotations), Path(images)
     try:
         data = json.loads(annotations.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise ValueError(f"cannot read the COCO captions file {annotations}: {error}") from error
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{annotations} is not a COCO captions file (no 'images' list)")

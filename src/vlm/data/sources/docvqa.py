@@ -115,7 +115,7 @@ def _question_order(record: dict) -> tuple:
 def _json_part(path: Path, skips: list) -> tuple[int, object]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise ValueError(f"cannot read the DocVQA file {path}: {error}") from error
     records = data.get("data") if isinstance(data, dict) else None
     if not isinstance(records, list):

@@ -222,7 +222,7 @@ class OlmOCRConverter:
             if isinstance(response, str | bytes):
                 try:
                     response = json.loads(response)
-                except ValueError as error:
+                except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
                     raise Skip("malformed", f"response is not JSON: {error}") from error
             if not isinstance(response, dict):
                 raise Skip("malformed", f"response is {type(response).__name__}, not an object")

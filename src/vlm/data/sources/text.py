@@ -48,7 +48,7 @@ class TextConverter:
                 raise Skip("bad_encoding", f"{place}: {error}") from error
             try:
                 record = json.loads(line)
-            except ValueError as error:
+            except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
                 raise Skip("malformed", f"{place}: {error}") from error
             where = {"line": item["line"]}
         else:
