@@ -3,9 +3,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# offline before anything imports huggingface_hub or wandb (they read these when imported), so plain
+# `pytest` never waits on the network
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(OFFLINE_ENV)
 
-from vlm.config import compose
+import pytest  # noqa: E402
+
+from vlm.config import compose  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +36,7 @@ TINY_MODEL = ["sizes=tiny"]  # conf/encoder_sizes/<encoder>_tiny.yaml, conf/llm_
 
 @pytest.fixture(autouse=True, scope="session")
 def offline_env():
-    os.environ.update(
-        HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false"
-    )
+    os.environ.update(OFFLINE_ENV)  # again, in case something imported earlier changed them
 
 
 @pytest.fixture(scope="session")
