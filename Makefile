@@ -5,15 +5,20 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# GPT-2's BPE (r50k_base), the default reference tokenizer: taken from openai-whisper's source distribution
+GPT2_BPE := $(VENV)/share/vlm/reference_tokenizers/gpt2.tiktoken
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train test lint format clean
+.PHONY: help install train test lint format clean ocr
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install the package with its dev tools
+install: $(STAMP) $(GPT2_BPE) ## create .venv, install the package with its dev tools and GPT-2's BPE file
+
+$(GPT2_BPE): | $(STAMP)
+	$(PY) -m vlm.text_accounting install gpt2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +30,10 @@ train: install ## train the built-in default on rendered text, then evaluate it 
 
 test: install ## the default test suite (CPU, no network)
 	$(PY) -m pytest $(ARGS)
+
+ocr: install ## the OCR engines of the baseline arm (python -m vlm.eval.ocr_engines)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ocr]"
+	@command -v tesseract >/dev/null || echo "Tesseract is a system package: apt-get install tesseract-ocr"
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .

@@ -1,18 +1,12 @@
-"""Evaluate a checkpoint on a benchmark: `python eval.py ckpt_path=PATH benchmark=synthetic`."""
+"""Evaluate a checkpoint on a benchmark, or score given predictions (no checkpoint needed):
+`python eval.py ckpt_path=PATH benchmark=synthetic`, `python eval.py predictions=PATH benchmark=synthetic`."""
 
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from vlm.config import finalize, quote_integer_options
-
-
-def add_data_settings(argv: list[str]) -> list[str]:
-    """`data.<key>=VALUE` -> `++data.<key>=VALUE`: eval.yaml's `data` starts empty (the checkpoint's data
-    config fills the rest), and Hydra adds keys to it only with `+`."""
-    return [f"++{arg}" if arg.startswith("data.") and "=" in arg else arg for arg in argv]
-
+from vlm.config import add_data_settings, finalize, quote_integer_options
 
 sys.argv = [sys.argv[0], *add_data_settings(quote_integer_options(sys.argv[1:]))]
 

@@ -39,15 +39,21 @@ def test_synthetic_compression_writes_the_curve_in_both_modes(tiny_checkpoint, d
     curve = json.loads((out / "tables.json").read_text())["curve"]
     assert [point["length"] for point in curve] == [16, 48, 96] and all(p["samples"] == 3 for p in curve)
     assert metrics["vision_tokens_per_image"] == 16
-    for point in curve:  # compression = ground-truth tokens / vision tokens, growing with the text
-        assert point["compression"] == pytest.approx(point["text_tokens"] / 16)
-    assert curve[0]["compression"] < curve[1]["compression"] < curve[2]["compression"]
+    names = [key.removeprefix("tokens_") for key in curve[0] if key.startswith("tokens_")]
+    assert names[1:] == ["bytes", "gpt2"] and names[0].startswith("llm_")  # the model's, then the list
+    for point in curve:  # compression_<name> = ground-truth tokens under <name> / vision tokens
+        assert point["chars_per_vision_token"] == pytest.approx(point["chars"] / 16)
+        for name in names:
+            assert point[f"compression_{name}"] == pytest.approx(point[f"tokens_{name}"] / 16)
+        assert point["tokens_gpt2"] < point["bytes"]  # BPE merges bytes
+    assert curve[0]["compression_gpt2"] < curve[1]["compression_gpt2"] < curve[2]["compression_gpt2"]
     assert curve[2]["font_size"] < curve[0]["font_size"]  # longer text needs a smaller font to fit
-    assert (out / "plots" / "precision_vs_compression.png").stat().st_size > 1000
+    for name in names:
+        assert (out / "plots" / f"precision_vs_compression_{name}.png").stat().st_size > 1000
     assert "## curve" in (out / "report.md").read_text()
     assert len((out / "samples.jsonl").read_text().splitlines()) == 9
 
-    # scoring the written predictions again (here without the model: no tokens, curve over lengths)
+    # scoring the written predictions again (here without the model: no vision tokens, curve over lengths)
     rescored, out2 = run_eval(
         tmp_path / "score",
         data_dir,
@@ -57,7 +63,9 @@ def test_synthetic_compression_writes_the_curve_in_both_modes(tiny_checkpoint, d
     )
     assert rescored["precision"] == pytest.approx(metrics["precision"])
     assert rescored["cer"] == pytest.approx(metrics["cer"])
-    assert "compression" not in json.loads((out2 / "tables.json").read_text())["curve"][0]
+    point = json.loads((out2 / "tables.json").read_text())["curve"][0]
+    assert "tokens_gpt2" in point and not [key for key in point if key.startswith("compression")]
+    assert (out2 / "plots" / "precision_vs_length.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------ DocVQA
@@ -198,7 +206,7 @@ def test_fox_official_prediction_format_languages_and_compression(tiny_checkpoin
     )
     assert langs["en"]["precision_fox_official"] == pytest.approx(langs["en"]["recall"])
     assert "en/en_3" in (out / "report.md").read_text()
-    assert not any(name.startswith("compression") for name in tables)  # no vision tokens, no tokenizer
+    assert not any(name.startswith("compression") for name in tables)  # no vision tokens
 
     # with the model: generation, its tokenizer and vision tokens give the compression study
     _, out = run_eval(
@@ -217,20 +225,26 @@ def test_fox_official_prediction_format_languages_and_compression(tiny_checkpoin
         ("cn", "cn_1.png"),
     }
     assert all(r["label"] in PAGES[r["lang"]] for r in written)
-    study = json.loads((out / "tables.json").read_text())["compression (ours tokenizer)"]
-    assert sum(row["pages"] for row in study) == 3  # English pages only, as DeepSeek-OCR
+    tables = json.loads((out / "tables.json").read_text())
+    llm = next(name.removeprefix("compression_") for name in tables if name.startswith("compression_llm_"))
+    assert {name for name in tables if name.startswith("compression_")} == {
+        f"compression_{name}" for name in (llm, "bytes", "gpt2")
+    }  # one study per tokenizer: the model's and the default list
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    for row in study:
-        start, end = map(int, row["text_tokens"].split("-"))
-        members = [
-            s["text_tokens/ours"]
-            for s in samples
-            if s["lang"] == "en" and start <= s["text_tokens/ours"] < end
-        ]
-        assert row["pages"] == len(members) and row["compression"] == pytest.approx(
-            sum(members) / len(members) / 16
-        )
-    assert list((out / "plots").glob("precision_vs_compression_*.png"))
+    for name in (llm, "gpt2"):
+        study = tables[f"compression_{name}"]
+        assert sum(row["pages"] for row in study) == 3  # English pages only, as DeepSeek-OCR
+        for row in study:
+            start, end = map(int, row[f"tokens_{name}"].split("-"))
+            members = [s for s in samples if s["lang"] == "en" and start <= s[f"tokens_{name}"] < end]
+            assert row["pages"] == len(members)
+            assert row[f"compression_{name}"] == pytest.approx(
+                sum(s[f"tokens_{name}"] for s in members) / len(members) / 16
+            )
+            assert row["chars_per_vision_token"] == pytest.approx(
+                sum(s["chars"] for s in members) / len(members) / 16
+            )
+        assert (out / "plots" / f"precision_vs_compression_{name}.png").is_file()
 
 
 def test_an_unreadable_page_gets_no_prediction_and_is_reported(tiny_checkpoint, data_dir, tmp_path):

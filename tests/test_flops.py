@@ -11,6 +11,7 @@ from torch import nn
 from vlm import IGNORE_INDEX
 from vlm.models.encoders.tiny import TinyEncoder
 from vlm.models.llms.gpt import GPT, GPTConfig
+from vlm.text_accounting import llm_tokenizer_name
 from vlm.training.callbacks import Throughput
 from vlm.training.flops import (
     PartFlopCounter,
@@ -147,6 +148,7 @@ def vlm_batch(module: VLMModule, rows: int, answer_tokens: int, generator: torch
         "attention_mask": torch.ones(rows, vision + answer_tokens, dtype=torch.long),
         "pixel_values": torch.randn(rows, 3, *model.encoder.preprocessing.size, generator=generator),
         "images_per_sample": torch.ones(rows, dtype=torch.long),
+        "answers": [[bytes(row).decode()] for row in answers.tolist()],
     }
 
 
@@ -281,12 +283,17 @@ def test_callback_rates_and_mfu_with_a_fake_clock(make_cfg):
     assert sum(shares.values()) == pytest.approx(1.0)
     assert set(shares) >= {"perf/flops_share_encoder", "perf/flops_share_llm", "perf/flops_share_ctc_head"}
     vision_tokens = module.model.vision_tokens_per_image
+    llm = llm_tokenizer_name(module.model.tokenizer)
+    llm_tokens = sum(len(module.model.tokenizer.encode(a[0])) for a in batch["answers"]) / len(
+        batch["answers"]
+    )
     expected = {
         "perf/samples_per_s": 2 * 2 * 2 / 4,  # 2 batches of 2 samples on each of 2 ranks in 4 s
         "perf/images_per_s": 2 * 2 * 2 / 4,
         "perf/tokens_per_s": 2 * 2 * (vision_tokens + 12) * 2 / 4,
         "perf/vision_tokens_per_sample": vision_tokens,
-        "perf/compression_ratio": 12 / vision_tokens,
+        "perf/chars_per_vision_token": 12 / vision_tokens,  # 12 letters a..z per answer
+        f"perf/compression_{llm}": llm_tokens / vision_tokens,
         "perf/flops_per_step": flops * 2,  # one batch on every rank
         "perf/tflops_per_s": 2 * flops * 2 / 4 / 1e12,
         "perf/mfu": 2 * flops / 4 / 1e12,  # one rank's FLOP/s over one device's peak
@@ -327,7 +334,9 @@ def test_a_short_run_logs_every_perf_key(make_cfg, tmp_path):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "run" / "csv" / "metrics.csv").read_text())))
     logged = {key for row in rows for key, value in row.items() if key.startswith("perf/") and value}
     rates = {"tokens_per_s", "images_per_s", "samples_per_s", "tflops_per_s", "mfu"}
-    sizes = {"vision_tokens_per_sample", "compression_ratio", "peak_memory_gb", "flops_per_step"}
+    llm = llm_tokenizer_name(VLMModule(cfg).model.tokenizer)
+    sizes = {"vision_tokens_per_sample", "peak_memory_gb", "flops_per_step"}
+    sizes |= {"chars_per_vision_token", f"compression_{llm}"}
     shares = {"encoder", "resampler", "projector", "llm", "ctc_head", "chunk_head"}
     assert logged == {f"perf/{k}" for k in rates | sizes} | {f"perf/flops_share_{k}" for k in shares}
     mfu = [float(row["perf/mfu"]) for row in rows if row.get("perf/mfu")]

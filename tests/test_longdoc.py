@@ -20,6 +20,7 @@ from vlm.eval.benchmarks.base import Item, shard_items
 from vlm.eval.runner import GenerationCollator, GenerationSet
 from vlm.models.encoders.base import ImagePreprocessing
 from vlm.models.llms.tokenizer import ByteTokenizer
+from vlm.text_accounting import TextAccounting
 from vlm.training.run import evaluate_checkpoint, train
 
 FONTS = ["DejaVuSans"]
@@ -244,8 +245,9 @@ def test_views_of_the_same_shard_sample(tmp_path):
 
 # ------------------------------------------------------------------------------------- the recipes
 @pytest.mark.parametrize("experiment", ["longdoc_cpu", "longdoc_gpu"])
-def test_recipe_documents_fit_as_pages_overflow_the_text_window_and_compress_4x(make_cfg, experiment):
-    """The arithmetic each recipe's comments state, checked on its own longest documents."""
+def test_recipe_documents_fit_as_pages_overflow_the_text_window_as_bytes_not_as_bpe(make_cfg, experiment):
+    """The arithmetic each recipe's comments state, checked on its own longest documents: 4x in bytes,
+    about one GPT-2 BPE token per vision token."""
     from hydra.utils import instantiate
 
     from vlm.models.vlm import VisionLanguageModel
@@ -264,7 +266,10 @@ def test_recipe_documents_fit_as_pages_overflow_the_text_window_and_compress_4x(
         assert len(proc.encode_prompt(sample["prompt"], meta["pages"])) <= budget  # every page shown
         _, kept = text_prompt(meta["document"], meta["question"], lambda p: proc.encode_prompt(p, 0), budget)
         assert meta["chars"] >= 3.5 * kept  # the text view sees under a third of it
-        assert len(model.tokenizer.encode(meta["document"])) >= 4 * meta["pages"] * tokens_per_page
+        accounting = TextAccounting(None, ["bytes", "gpt2"])
+        ratios = accounting.ratios(accounting.count(meta["document"]), meta["pages"] * tokens_per_page)
+        assert ratios["compression_bytes"] >= 4
+        assert 0.8 <= ratios["compression_gpt2"] <= 1.2
 
 
 # ----------------------------------------------------------------------- training and the benchmark
@@ -351,8 +356,13 @@ def test_benchmark_writes_the_curves_of_both_views(longdoc_checkpoint, tmp_path)
     assert curve[0]["full_text_questions"] == 2 and curve[2]["full_text_questions"] == 0
     assert curve[2]["full_text_exact_match"] is None and curve[2]["text_questions"] == 2
     assert curve[2]["text_kept_share"] < 0.5
-    for point in curve:
-        assert point["compression"] == pytest.approx(point["text_tokens"] / point["vision_tokens"])
+    llm = next(key for key in curve[0] if key.startswith("tokens_llm_"))
+    for point in curve:  # each tokenizer's tokens (the model's among them) / the pages' vision tokens
+        assert point[llm] == pytest.approx(point["text_tokens"])
+        for key in (llm, "tokens_bytes", "tokens_gpt2"):
+            compression = f"compression_{key.removeprefix('tokens_')}"
+            assert point[compression] == pytest.approx(point[key] / point["vision_tokens"])
+        assert point["chars_per_vision_token"] == pytest.approx(point["chars"] / point["vision_tokens"])
     assert curve[2]["vision_questions"] == 0 and curve[2]["vision_exact_match"] is None  # pages do not fit
     assert curve[0]["vision_questions"] == 2
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -221,15 +221,16 @@ def test_non_finite_steps_within_patience_are_skipped():
         ("data.batch_size=0", r"data\.batch_size=0: must be an integer >= 1"),
         ("data.source.samples_per_shard=0", r"data\.source\.samples_per_shard=0: must be an integer >= 1"),
         ("llm.lora.r=-1", r"llm\.lora\.r=-1: must be an integer >= 0"),
+        ("llm.tokenizer_vocab_size=100", r"llm\.tokenizer_vocab_size=100: must be an integer >= 260"),
         ("encoder.image_size=[0,512]", r"encoder\.image_size=\[0, 512\]: must be \[height, width\]"),
         ("data.source.image_size=[0,512]", r"data\.source\.image_size=\[0, 512\]: must be \[height, width\]"),
         ("callbacks.preemption.signals=[SIGTERM,SIGKILL]", r"signals=.*: SIGKILL cannot be caught"),
         ("callbacks.preemption.signals=[STOP]", r"signals=.*: SIGSTOP cannot be caught"),
     ],
 )
-def test_bad_config_values_are_named_at_start_up(override, message):
+def test_bad_config_values_are_named_at_start_up(override, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        check_config(compose("train", [override]))
+        check_config(compose("train", [f"hydra.run.dir={tmp_path}", override]))
 
 
 def test_shipped_configs_pass_the_checks():

@@ -111,16 +111,12 @@ def test_train_then_eval_round_trip(make_cfg, tmp_path):
     result = evaluate_checkpoint(eval_cfg)
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written == pytest.approx(result)
-    for field in [
-        "cer",
-        "wer",
-        "exact_match",
-        "mean_text_tokens",
-        "vision_tokens_per_image",
-        "compression_ratio",
-    ]:
+    for field in ["cer", "wer", "exact_match", "vision_tokens_per_image", "chars_per_vision_token"]:
         assert field in written
-    assert written["compression_ratio"] == pytest.approx(written["mean_text_tokens"] / 16)
+    assert written["chars_per_vision_token"] == pytest.approx(written["mean_chars"] / 16)
+    llm = next(key for key in written if key.startswith("compression_llm_")).removeprefix("compression_")
+    for name in ("bytes", "gpt2", llm):
+        assert written[f"compression_{name}"] == pytest.approx(written[f"mean_tokens_{name}"] / 16)
     lines = (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 8 and {"key", "prediction", "answers", "cer"} <= set(json.loads(lines[0]))
     generated = json.loads((tmp_path / "eval" / "predictions" / "predictions.json").read_text())

@@ -3,7 +3,8 @@
 A checkpoint is data from whoever wrote it. Its tensors and containers are read weights-only: torch's
 unpickler rebuilds tensors and plain Python values and refuses any other global, so a pickled payload
 is an error instead of a call. The project's Lightning checkpoints hold nothing else (the run config is
-saved as plain dicts and lists), so no type is added to torch's allow-list.
+saved as plain dicts and lists, a BPE tokenizer as its JSON string), so no type is added to torch's
+allow-list.
 
 The run config saved in a Lightning checkpoint (`hyper_parameters.cfg`) is rebuilt by eval.py and the
 LoRA merge: its `model` and `data` are instantiated. Before that, every `_target_` in them must be a
@@ -24,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 
 if TYPE_CHECKING:
+    from vlm.models.llms.tokenizer import BPETokenizer
     from vlm.training.module import VLMModule
 
 BUILT_FROM_CONFIG = ("model", "data")  # the parts of a saved run config that are instantiated
@@ -76,14 +78,31 @@ def read_lightning_checkpoint(file: str | Path) -> dict:
 
 def load_module(file: str | Path, checkpoint: dict | None = None) -> VLMModule:
     """The VLMModule of a train.py checkpoint (`checkpoint`: the file already read), rebuilt from its
-    checked config, its weights loaded strictly."""
+    checked config and the tokenizer it holds (if any), its weights loaded strictly."""
+    from vlm.models.llms.gpt import tokenizer_from_checkpoint
     from vlm.models.pretrained import load_strict
     from vlm.training.module import VLMModule
 
     checkpoint = checkpoint if checkpoint is not None else read_lightning_checkpoint(file)
-    module = VLMModule(checkpoint["hyper_parameters"]["cfg"])
+    with tokenizer_from_checkpoint(saved_tokenizer(checkpoint, str(file))):
+        module = VLMModule(checkpoint["hyper_parameters"]["cfg"])
     load_strict(module, checkpoint["state_dict"], "", str(file))
     return module
+
+
+def saved_tokenizer(checkpoint: dict, source: str) -> BPETokenizer | None:
+    """The tokenizer saved in a checkpoint (`VLMModule.on_save_checkpoint`), or None when it has none."""
+    from vlm.models.llms.tokenizer import BPETokenizer
+
+    saved = checkpoint.get("tokenizer")
+    if saved is None:
+        return None
+    try:
+        return BPETokenizer.from_json(saved)
+    except Exception as error:  # tokenizers raises a bare Exception for a malformed file
+        raise UnreadableCheckpointError(
+            f"{source}: its saved tokenizer is not a BPE tokenizer's JSON: {error}"
+        ) from error
 
 
 def check_saved_config(cfg: Mapping, source: str) -> None:

@@ -35,6 +35,12 @@ def quote_integer_options(argv: list[str]) -> list[str]:
     return quoted
 
 
+def add_data_settings(argv: list[str]) -> list[str]:
+    """eval.py's command line: `data.<key>=VALUE` -> `++data.<key>=VALUE`. eval.yaml's `data` starts empty
+    (a checkpoint's data config, or `data_config`'s, fills the rest), and Hydra adds keys to it only with `+`."""
+    return [f"++{arg}" if arg.startswith("data.") and "=" in arg else arg for arg in argv]
+
+
 def finalize(cfg: DictConfig) -> DictConfig:
     """Resolve `auto` choices that depend on the machine."""
     if "trainer" in cfg and cfg.trainer.get("precision") == "auto":

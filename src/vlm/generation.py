@@ -82,10 +82,12 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     config: GenerationConfig | None = None,
+    vision: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded). Prompts are left-padded: (B, T) ids and mask.
 
-    Settings come from `config`; the keyword arguments override single fields of it.
+    Settings come from `config`; the keyword arguments override single fields of it. `vision`: the
+    placeholders' embeddings already computed (a compressed text context), instead of `pixel_values`.
     """
     cfg = config or GenerationConfig()
     max_new_tokens = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -100,7 +102,7 @@ def generate(
 
     llm = model.llm
     batch_size, prompt_len = input_ids.shape
-    embeds = model.embed_inputs(input_ids, pixel_values)
+    embeds = model.embed_inputs(input_ids, pixel_values, vision)
     mask = torch.ones(batch_size, prompt_len + max_new_tokens, dtype=torch.long, device=device)
     mask[:, :prompt_len] = attention_mask
     cache = llm.new_kv_cache(batch_size, prompt_len + max_new_tokens) if use_cache else None

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from vlm import IGNORE_INDEX, IMAGE_TOKEN
 from vlm.data.images import ImageTooLarge, open_image, to_rgb
+from vlm.models.context import CONTEXTS, IN_PROMPT
 from vlm.models.encoders.base import ImagePreprocessing, TiledViews
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,30 @@ def concat_views(views: list[torch.Tensor | TiledViews]) -> torch.Tensor | Tiled
     return TiledViews.cat(views) if isinstance(views[0], TiledViews) else torch.cat(views)
 
 
+def context_text(record: dict, key: str) -> str:
+    """The text a sample's image shows: its record's `context_text`, else an OCR sample's first answer."""
+    text = record.get("context_text")
+    if text is None and record.get("task") == "ocr":
+        text = record["answers"][0]
+    if not isinstance(text, str):
+        raise ValueError(
+            f"sample {key!r} (task {record.get('task')!r}) has no context text for a text context arm: "
+            f"give its record a context_text string (OCR samples use their answer)"
+        )
+    return text
+
+
 class SampleProcessor:
     """Raw webdataset sample -> {key, prompt_ids, answer_ids, pixel_values, answers, task}.
 
     `prompt_ids` is `bos, prompt` with each `<image>` expanded to its vision tokens, `answer_ids` the
     answer's ids and eos (lists of ints); `Collator` makes the batch's tensors from them, so a sample
     costs no tensors of its own but its images.
+
+    A text `context` arm (`vlm.models.context`) reads no images: the prompt's one `<image>` stands for
+    the text the image shows (`context_text`), as `context_ids` behind K placeholders (`text_meanpool`,
+    `text_conv`) or as token ids in the placeholders' place (`truncate`: the first K, padded to K;
+    `full_text`: all).
     """
 
     prompt_cache_size: ClassVar[int] = 1024  # datasets mostly repeat a few prompts (DocVQA: questions)
@@ -203,7 +222,11 @@ class SampleProcessor:
         vision_tokens_per_image: int,
         max_length: int = 512,
         train: bool = True,
+        context: str = "vision",
     ) -> None:
+        if context not in CONTEXTS:
+            raise ValueError(f"context={context!r}: expected one of {', '.join(CONTEXTS)}")
+        self.context = context
         self.tokenizer = tokenizer
         self.images = ImageProcessor(image_preprocessing)
         self.vision_tokens_per_image = vision_tokens_per_image
@@ -213,21 +236,7 @@ class SampleProcessor:
 
     def decode(self, raw: dict) -> tuple[dict, list[Image.Image]]:
         key = raw.get("__key__", "?")
-        if "json" not in raw:
-            raise BadSample(key, "malformed_record", f"no .json member (members: {sorted(raw)})")
-        record = load_record(raw["json"], key)
-        try:
-            answers = record["answers"]
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
-            if record["prompt"] is None:
-                raise ValueError("prompt is null")
-            record["prompt"] = str(record["prompt"])
-        except (KeyError, ValueError, TypeError) as error:
-            raise BadSample(key, "malformed_record", f"{type(error).__name__}: {error}") from error
-        record["answers"] = [a for a in answers if a.strip()]
-        if not record["answers"]:
-            raise BadSample(key, "empty_text", f"every answer is empty: {answers!r}")
+        record = self.read_record(raw)
         images = []
         for name, data in image_members(raw):
             try:
@@ -246,6 +255,26 @@ class SampleProcessor:
                 f"the prompt has {markers} {IMAGE_TOKEN} marker(s), the sample {len(images)} image(s)",
             )
         return record, images
+
+    def read_record(self, raw: dict) -> dict:
+        """The sample's record with its prompt and answers checked (empty answers dropped)."""
+        key = raw.get("__key__", "?")
+        if "json" not in raw:
+            raise BadSample(key, "malformed_record", f"no .json member (members: {sorted(raw)})")
+        record = load_record(raw["json"], key)
+        try:
+            answers = record["answers"]
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
+            if record["prompt"] is None:
+                raise ValueError("prompt is null")
+            record["prompt"] = str(record["prompt"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise BadSample(key, "malformed_record", f"{type(error).__name__}: {error}") from error
+        record["answers"] = [a for a in answers if a.strip()]
+        if not record["answers"]:
+            raise BadSample(key, "empty_text", f"every answer is empty: {answers!r}")
+        return record
 
     def encode_prompt(self, prompt: str, num_images: int, placeholders: list[int] | None = None) -> list[int]:
         """bos (when the tokenizer has one; Qwen2.5's has none) + prompt ids, the i-th `<image>`
@@ -290,14 +319,44 @@ class SampleProcessor:
             self._prompts[key] = ids
         return ids
 
+    def text_context(self, record: dict, key: str) -> tuple[tuple[int, ...], dict]:
+        """(prompt ids, extra sample fields) of a text context arm: the prompt's one `<image>` holds the
+        text the image shows (`context_text`), as K placeholders with `context_ids`, or as ids."""
+        context_ids = self.tokenizer.encode(context_text(record, key))
+        if not context_ids:
+            raise BadSample(key, "empty_text", "the context text is empty")
+        markers = record["prompt"].count(IMAGE_TOKEN)
+        if markers > 1:
+            raise BadSample(
+                key,
+                "malformed_record",
+                f"context={self.context} fills one {IMAGE_TOKEN}, the prompt has {markers}",
+            )
+        if self.context not in IN_PROMPT:
+            prompt_ids = self.prompt_ids(record["prompt"], 1, [self.vision_tokens_per_image])
+            return prompt_ids, {"context_ids": context_ids}
+        tokens = context_ids
+        if self.context == "truncate":  # exactly K positions: cut, or padded when the text is shorter
+            K = self.vision_tokens_per_image
+            tokens = context_ids[:K] + [self.tokenizer.pad_id] * (K - len(context_ids))
+        ids = list(self.prompt_ids(record["prompt"], 1, [len(tokens)]))
+        start = ids.index(self.tokenizer.image_token_id)
+        ids[start : start + len(tokens)] = tokens
+        return tuple(ids), {}
+
     def __call__(self, raw: dict) -> dict:
-        record, images = self.decode(raw)
         key = raw.get("__key__", "?")
-        pixel_values = self.pixel_values(images)
-        try:
-            prompt_ids = self.prompt_ids(record["prompt"], len(images), self.placeholders(pixel_values))
-        except ValueError as error:
-            raise BadSample(key, "malformed_record", str(error)) from error
+        context = {}
+        if self.context == "vision":
+            record, images = self.decode(raw)
+            pixel_values = self.pixel_values(images)
+            try:
+                prompt_ids = self.prompt_ids(record["prompt"], len(images), self.placeholders(pixel_values))
+            except ValueError as error:
+                raise BadSample(key, "malformed_record", str(error)) from error
+        else:
+            record, pixel_values = self.read_record(raw), self.images.empty()
+            prompt_ids, context = self.text_context(record, key)
         answer = random.choice(record["answers"]) if self.train else record["answers"][0]
         answer_ids = [*self.tokenizer.encode(answer), self.tokenizer.eos_id]
         if len(prompt_ids) + len(answer_ids) > self.max_length:
@@ -311,7 +370,7 @@ class SampleProcessor:
             "pixel_values": pixel_values,
             "answers": record["answers"],
             "task": record.get("task", ""),
-        }
+        } | context
 
 
 def padded(rows: list[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +390,8 @@ class Collator:
 
     When every sample with images also gives each image's text as token ids (`image_text_ids`, e.g. the
     pages of a `vlm.data.longdoc` sample), the batch has `image_text_ids`: one id tensor per image of
-    `pixel_values`, in the same order (what per-image reading losses need)."""
+    `pixel_values`, in the same order (what per-image reading losses need). Samples of a compressed
+    text context arm give `context_ids`, batched right-padded with `context_mask`."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -346,6 +406,7 @@ class Collator:
         in_prompt = torch.arange(input_ids.shape[1]) < prompt_lengths[:, None]
         labels = input_ids.masked_fill(in_prompt | ~attention_mask.bool(), IGNORE_INDEX)
         prompt_ids, prompt_mask = padded(prompts, self.pad_id, left=True)
+        texts = self.image_texts(samples) | self.context_texts(samples)
         return {
             "keys": [s["key"] for s in samples],
             "input_ids": input_ids,
@@ -357,7 +418,13 @@ class Collator:
             "images_per_sample": torch.tensor([len(s["pixel_values"]) for s in samples]),
             "answers": [s["answers"] for s in samples],
             "skipped": skipped,
-        } | self.image_texts(samples)
+        } | texts
+
+    def context_texts(self, samples: list[dict]) -> dict:
+        if not samples or "context_ids" not in samples[0]:
+            return {}
+        context_ids, context_mask = padded([s["context_ids"] for s in samples], self.pad_id)
+        return {"context_ids": context_ids, "context_mask": context_mask}
 
     @staticmethod
     def image_texts(samples: list[dict]) -> dict:

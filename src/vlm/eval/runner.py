@@ -44,6 +44,18 @@ class GenerationSet(Dataset):
         item = self.items[index]
         processor = self.processor
         try:  # an image that does not load or a prompt that does not encode (a lone surrogate)
+            if processor.context != "vision":  # the text the image shows instead of its pixels
+                record = {**item.meta, "prompt": item.prompt, "answers": item.answers}
+                prompt_ids, context = processor.text_context(record, item.key)
+                views = processor.images.empty()
+                return {
+                    "key": item.key,
+                    "prompt_ids": prompt_ids,
+                    "answer_ids": [],
+                    "pixel_values": views,
+                    "answers": item.answers,
+                    **context,
+                }
             images = item.load_images()
             views = processor.pixel_values(images)
             prompt_ids = processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
@@ -72,7 +84,11 @@ def generate_predictions(trainer, module, benchmark: Benchmark, items: list[Item
     """{key: generated text} for every readable item, from all ranks (batched generation)."""
     model = module.model
     processor = SampleProcessor(
-        model.tokenizer, model.encoder.preprocessing, model.vision_tokens_per_image, train=False
+        model.tokenizer,
+        model.encoder.preprocessing,
+        model.vision_tokens_per_image,
+        train=False,
+        context=model.context,
     )
     loader = torch.utils.data.DataLoader(
         GenerationSet(items, processor),

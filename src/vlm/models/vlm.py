@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from vlm.models.context import COMPRESSED, CONTEXTS, IN_PROMPT
 from vlm.models.encoders.base import TiledViews, VisionEncoder
 from vlm.models.projectors import WithLayout
 from vlm.models.resamplers import Resampler
@@ -41,6 +42,12 @@ class VisionLanguageModel(nn.Module):
     When the encoder asks for DeepSeek-OCR's layout (`encoder.layout_tokens`), the projector is wrapped
     in `projectors.WithLayout`: a learned newline after every row of an image's vision tokens and a
     separator after the image.
+
+    `context` chooses what fills the K = `vision_tokens_per_image` positions (`vlm.models.context`):
+    the image (`vision`), or the text the image shows. For `text_meanpool` and `text_conv`,
+    `context_compressor` (a factory, built with the LLM width and K) takes the resampler's place and
+    feeds the projector; `truncate` and `full_text` put token ids in the prompt. In the text arms the
+    encoder and resampler only set K and stay frozen, as do the projector's weights when it is unused.
     """
 
     def __init__(
@@ -50,6 +57,8 @@ class VisionLanguageModel(nn.Module):
         projector: Callable[..., nn.Module],
         llm: nn.Module,
         vision_position_stride: int = 1,
+        context: str = "vision",
+        context_compressor: Callable[..., nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -71,16 +80,38 @@ class VisionLanguageModel(nn.Module):
                     f"a tiling encoder needs a resampler that keeps a tile's {tiling.tokens_per_tile} "
                     f"token grid (resampler=identity), but {self.resampler.option} changes it"
                 )
+        if context not in CONTEXTS:
+            raise ValueError(f"model.context={context!r}: expected one of {', '.join(CONTEXTS)}")
+        if (context in COMPRESSED) != (context_compressor is not None):
+            raise ValueError(
+                f"model.context={context} needs a context_compressor exactly when it is one of "
+                f"{', '.join(COMPRESSED)}; use the context= config group"
+            )
+        self.context = context
+        if context_compressor is not None:
+            self.resampler = context_compressor(in_dim=llm.hidden_size, tokens=self.vision_tokens_per_image)
         projection = projector(in_dim=self.resampler.out_dim, out_dim=llm.hidden_size)
-        self.projector = WithLayout(projection, llm.hidden_size) if encoder.layout_tokens else projection
+        layout = encoder.layout_tokens and context == "vision"
+        self.projector = WithLayout(projection, llm.hidden_size) if layout else projection
         self.llm = llm
+        for name in self.unused_parts:
+            self.get_submodule(name).requires_grad_(False)
         if vision_position_stride < 1:
             raise ValueError(f"model.vision_position_stride must be >= 1, got {vision_position_stride}")
         self.vision_position_stride = vision_position_stride
         self.load_companion_weights(encoder.companion_weights())
 
+    @property
+    def unused_parts(self) -> tuple[str, ...]:
+        """The parts this context arm never runs (frozen)."""
+        if self.context in COMPRESSED:
+            return ("encoder",)
+        return ("encoder", "resampler", "projector") if self.context in IN_PROMPT else ()
+
     def describe(self) -> str:
         """What each part makes of an image, for the start-up log."""
+        if self.context != "vision":
+            return self._describe_text_context()
         rows, cols = self.vision_grid
         resampled = f"{rows}x{cols} grid" if self.encoder.spatial else f"{rows * cols} tokens"
         extra = (
@@ -94,6 +125,22 @@ class VisionLanguageModel(nn.Module):
                 f"  = {self.vision_tokens_per_image} vision tokens per image{extra}",
             ]
         )
+
+    def _describe_text_context(self) -> str:
+        K, width = self.vision_tokens_per_image, self.llm.hidden_size
+        unused = ", ".join(self.unused_parts)
+        lines = [f"  context={self.context}: the text the image shows, as LLM tokens of width {width}"]
+        if self.context in IN_PROMPT:
+            kept = "its first K" if self.context == "truncate" else "all its"
+            lines.append(f"  {kept} token ids in place of the placeholders")
+        else:
+            lines.append(f"  {type(self.resampler).__name__} -> K tokens of width {self.resampler.out_dim}")
+            lines.append(f"  projector -> width {width}")
+        positions = "its token count" if self.context == "full_text" else f"K = {K}"
+        lines.append(f"  = {positions} positions per <image>; {unused} unused (frozen)")
+        if self.context != "full_text":
+            lines.append(f"  K from {self.encoder.describe()}")
+        return "\n".join(lines)
 
     @property
     def tokenizer(self):
@@ -132,7 +179,23 @@ class VisionLanguageModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor | TiledViews) -> torch.Tensor:
         """(N_images, 3, H, W) -> (N_images, vision_tokens_per_image, llm width); tiled views ->
         (all their positions, llm width), image after image."""
+        if self.context != "vision":
+            raise ValueError(
+                f"model.context={self.context} reads the text the image shows, not pixels: give the "
+                f"samples' context text (vlm.data.processing.SampleProcessor with context={self.context})"
+            )
         return self.project(self.encoder(pixel_values))
+
+    def encode_context(self, context_ids: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """Right-padded token ids of the texts (N, L) -> compressed and projected (N, K, D_llm)."""
+        embeds = self.llm.embed(context_ids).float()  # the LLM's own table, shared: (N, L, D_llm)
+        tokens = self.resampler(embeds, context_mask.sum(-1))  # the compressor: (N, K, D)
+        if tokens.shape[1] != self.vision_tokens_per_image:
+            raise PlaceholderCountError(
+                f"{self.resampler.option} gave {tokens.shape[1]} tokens per text, not "
+                f"K = {self.vision_tokens_per_image}"
+            )
+        return self.projector(tokens)
 
     def project(self, features: torch.Tensor | TiledViews) -> torch.Tensor:
         """Encoder features (N, rows*cols, D_enc) -> resampled, projected, laid out (N, M, D_llm)."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from vlm import IGNORE_INDEX
+from vlm.text_accounting import TextAccounting
 from vlm.training.flops import PartFlopCounter, StepFlopCache, batch_shape, model_parts, peak_flops
 
 
@@ -30,21 +30,24 @@ class Throughput(L.Callback):
     alike): tokens_per_s (non-padding tokens, vision tokens included), images_per_s, samples_per_s,
     tflops_per_s, and flops_per_step (model FLOPs of one batch's forward and backward, window mean, all
     ranks' batches together). Per device: mfu (FLOP/s achieved / peak FLOP/s of one device) and
-    peak_memory_gb (this process's peak so far). This rank's window: vision_tokens_per_sample and
-    compression_ratio (answer tokens / vision tokens over the samples with images, as benchmark=synthetic
-    defines it; answer tokens are the labelled ones). Once, after the first counted batch:
-    flops_share_<part>.
+    peak_memory_gb (this process's peak so far). This rank's window: vision_tokens_per_sample, and over
+    the samples with images, the text their images stand for (each sample's first answer) per vision
+    token: chars_per_vision_token and compression_<tokenizer> for the LLM's tokenizer and each of
+    `tokenizers` (reference tokenizer specs, `vlm.text_accounting`), as benchmark=synthetic counts them.
+    Once, after the first counted batch: flops_share_<part>.
 
     FLOPs are counted by torch on the ops that run (`vlm.training.flops`), once per batch shape. A counted
     batch runs slower, so it is left out of the timing. The peak is the datasheet's for known GPUs and a
     timed matmul on CPU; `peak_flops` (FLOP/s of one device) overrides it. CUDA is synchronised only where
-    the clock is read: at window ends, around validation and around counted batches.
+    the clock is read: at window ends, around validation and around counted batches; the texts are counted
+    on the CPU.
     """
 
     def __init__(
         self,
         window: int = 10,
         peak_flops: float | None = None,
+        tokenizers: Sequence[str] = (),
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if window < 1:
@@ -54,6 +57,8 @@ class Throughput(L.Callback):
                 f"callbacks.throughput.peak_flops must be > 0 (FLOP/s of one device), got {peak_flops}"
             )
         self.window, self.peak_flops, self.clock = window, peak_flops, clock
+        self.tokenizers = list(tokenizers)
+        self.accounting: TextAccounting | None = None
         self.flops = StepFlopCache()
         self._peak: float | None = None
         self._counter: PartFlopCounter | None = None
@@ -66,7 +71,7 @@ class Throughput(L.Callback):
     def _reset_window(self) -> None:
         self._elapsed = 0.0
         self._steps = self._samples = self._images = self._window_flops = 0
-        self._counts: torch.Tensor | None = None  # (tokens, vision tokens, answer tokens with images)
+        self._counts: torch.Tensor | None = None  # tokens, vision tokens, text counts (with images)
 
     def _now(self, device: torch.device) -> float:
         if device.type == "cuda":
@@ -79,6 +84,7 @@ class Throughput(L.Callback):
             self._start = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.accounting = TextAccounting(pl_module.model.tokenizer, self.tokenizers)
         self._peak, source = (
             (self.peak_flops, "callbacks.throughput.peak_flops")
             if self.peak_flops
@@ -107,14 +113,21 @@ class Throughput(L.Callback):
         if self._counter is not None:
             self._finish_count(trainer)
             return
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        # device tensors summed without reading them back, so no step waits for the GPU
+        input_ids = batch["input_ids"]
+        texts = [answers[0] if answers else "" for answers in batch["answers"]]
+        text_counts = torch.tensor([list(self.accounting.count(text).values()) for text in texts])
         has_images = (batch["images_per_sample"] > 0)[:, None]
-        counts = torch.stack(
+        # device tensors summed without reading them back, and the texts' counts copied to the device
+        # without waiting, so no step waits for the GPU
+        counts = torch.cat(
             [
-                batch["attention_mask"].sum(),
-                (input_ids == pl_module.model.tokenizer.image_token_id).sum(),
-                ((labels != IGNORE_INDEX) & has_images).sum(),
+                torch.stack(
+                    [
+                        batch["attention_mask"].sum(),
+                        (input_ids == pl_module.model.tokenizer.image_token_id).sum(),
+                    ]
+                ),
+                (text_counts.to(input_ids.device, non_blocking=True) * has_images).sum(0),
             ]
         )
         self._counts = counts if self._counts is None else self._counts + counts
@@ -148,7 +161,7 @@ class Throughput(L.Callback):
         now = self._now(device)
         elapsed = self._elapsed + now - self._start
         self._start = now  # the next window starts here, so the time between windows counts too
-        tokens, vision_tokens, answer_tokens = self._counts.tolist()
+        tokens, vision_tokens, *text_counts = self._counts.tolist()
         world = trainer.world_size
         metrics = {
             "perf/tokens_per_s": tokens * world / elapsed,
@@ -160,7 +173,8 @@ class Throughput(L.Callback):
             "perf/tflops_per_s": self._window_flops * world / elapsed / 1e12,
         }
         if vision_tokens:
-            metrics["perf/compression_ratio"] = answer_tokens / vision_tokens
+            text = dict(zip(self.accounting.count_keys, text_counts, strict=True))
+            metrics |= {f"perf/{k}": v for k, v in self.accounting.ratios(text, vision_tokens).items()}
         if self._peak:
             metrics["perf/mfu"] = self._window_flops / elapsed / self._peak
         for logger in trainer.loggers:

@@ -41,6 +41,10 @@ def catchable_signals(value) -> str | None:
     return signal_problem(value)
 
 
+def bpe_vocab_size(value) -> str | None:
+    return None if _is_int(value) and value >= 260 else "must be an integer >= 260 (256 bytes + 4 specials)"
+
+
 RULES: dict[str, Callable[[object], str | None]] = {
     "trainer.max_steps": step_limit,
     "trainer.val_check_interval": at_least_one,
@@ -50,6 +54,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "encoder.image_size": image_size,
     "data.source.image_size": image_size,
     "llm.lora.r": lora_rank,
+    "llm.tokenizer_vocab_size": bpe_vocab_size,
     "callbacks.preemption.signals": catchable_signals,
 }
 

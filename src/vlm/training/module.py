@@ -15,6 +15,7 @@ from torch import nn
 from vlm import IGNORE_INDEX
 from vlm.eval.metrics import corpus_cer, exact_match
 from vlm.generation import GenerationConfig, generate
+from vlm.models.context import IN_PROMPT
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.aux_losses import ChunkHead, CTCHead
 from vlm.training.optim import param_groups, warmup_cosine
@@ -65,7 +66,7 @@ class VLMModule(L.LightningModule):
         )
         self.chunk_head = (
             ChunkHead(self.model.llm.hidden_size, self.cfg.loss.chunk_tokens, self.model.tokenizer)
-            if self.cfg.loss.chunk_weight > 0
+            if self.cfg.loss.chunk_weight > 0 and self._chunk_applies()
             else None
         )
         self.skipped: Counter = Counter()  # bad samples per reason
@@ -81,6 +82,13 @@ class VLMModule(L.LightningModule):
     def _ctc_applies(self) -> bool:
         """The CTC loss reads a trainable encoder's grid columns; say so when it cannot apply."""
         encoder = self.model.encoder
+        if self.model.context != "vision":
+            log.warning(
+                "loss.ctc_weight=%s is not applied: context=%s does not run the encoder",
+                self.cfg.loss.ctc_weight,
+                self.model.context,
+            )
+            return False
         why = (
             "gives no spatial grid"
             if not encoder.spatial
@@ -95,6 +103,17 @@ class VLMModule(L.LightningModule):
                 "loss.ctc_weight=%s is not applied: %s %s", self.cfg.loss.ctc_weight, encoder.option, why
             )
         return not why
+
+    def _chunk_applies(self) -> bool:
+        """The chunk loss reads the vectors in the placeholder positions, which text in the prompt lacks."""
+        if self.model.context in IN_PROMPT:
+            log.warning(
+                "loss.chunk_weight=%s is not applied: context=%s puts token ids, not vectors, in the positions",
+                self.cfg.loss.chunk_weight,
+                self.model.context,
+            )
+            return False
+        return True
 
     # -- stage ----------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> VLMModule:
@@ -130,9 +149,11 @@ class VLMModule(L.LightningModule):
             # cannot lean on the language prior alone and has to read the image
             hidden = torch.rand(labels.shape, device=labels.device) < cfg.context_dropout
             input_ids = input_ids.masked_fill(hidden & (labels != IGNORE_INDEX), self.model.tokenizer.pad_id)
+        features, vision = None, self.context_vectors(batch)
         pixel_values = batch["pixel_values"]
-        features = self.model.encoder(pixel_values) if pixel_values.shape[0] else None
-        vision = self.model.project(features) if features is not None else None
+        if vision is None and pixel_values.shape[0]:
+            features = self.model.encoder(pixel_values)
+            vision = self.model.project(features)
         logits = self.model(input_ids, vision=vision)  # right padding: causal is enough
         # shift the labels, not the logits: slicing the logits would copy them (and their gradient)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -141,6 +162,8 @@ class VLMModule(L.LightningModule):
         if self.ctc_head is not None and features is not None:
             parts["ctc"] = self.ctc_head.loss(features, self.model.encoder.grid_size, batch)
         if self.chunk_head is not None and vision is not None:
+            if "context_ids" in batch:  # each sample's text stands for its one image
+                batch = batch | {"images_per_sample": torch.ones_like(batch["images_per_sample"])}
             parts["chunk"] = self.chunk_head.loss(vision, batch)
         weights = {"lm": 1.0, "ctc": cfg.ctc_weight, "chunk": cfg.chunk_weight}
         return sum(weights[name] * value for name, value in parts.items()), parts
@@ -168,6 +191,12 @@ class VLMModule(L.LightningModule):
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
+    def context_vectors(self, batch: dict) -> torch.Tensor | None:
+        """The compressed text of a text context arm's batch (N, K, D_llm), else None."""
+        if "context_ids" not in batch:
+            return None
+        return self.model.encode_context(batch["context_ids"], batch["context_mask"])
+
     # -- evaluation -----------------------------------------------------------------------------
     def predict_text(self, batch: dict, max_new_tokens: int) -> list[str]:
         gen = self.cfg.generation
@@ -180,7 +209,12 @@ class VLMModule(L.LightningModule):
             ngram_exempt_ids=tuple(gen.get("ngram_exempt_ids") or ()),
         )
         ids = generate(
-            self.model, batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], config=config
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["pixel_values"],
+            config=config,
+            vision=self.context_vectors(batch),
         )
         return [self.model.tokenizer.decode(row) for row in ids]
 
@@ -234,6 +268,13 @@ class VLMModule(L.LightningModule):
             torch.distributed.all_gather_object(parts, (self._test_records, self._test_failures))
         self.test_predictions = {k: v for records, _ in parts for k, v in records.items()}
         self.test_failures = list(dict.fromkeys(f for _, failures in parts for f in failures))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A tokenizer kept in a file of its own (BPE) is saved with the weights, as a JSON string, so the
+        checkpoint alone rebuilds the model (vlm.checkpoint.load_module)."""
+        to_json = getattr(self.model.tokenizer, "to_json", None)
+        if to_json is not None:
+            checkpoint["tokenizer"] = to_json()
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -11,9 +11,10 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlm.checkpoint import load_module
+from vlm.config import CONFIG_DIR
 from vlm.data.datamodule import ShardDataModule
 from vlm.data.processing import SampleProcessor
 from vlm.eval.runner import run_benchmark
@@ -34,6 +35,7 @@ def build_datamodule(data_cfg: DictConfig, model: VisionLanguageModel, max_lengt
         model.encoder.preprocessing,
         model.vision_tokens_per_image,
         max_length,
+        context=model.context,
     )
     return instantiate(data_cfg, processor_factory=factory, pad_id=model.tokenizer.pad_id)
 
@@ -119,11 +121,26 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+def datamodule_without_checkpoint(cfg: DictConfig) -> ShardDataModule:
+    """The data of `data_config` (conf/data/<name>.yaml) with eval.py's `data.<key>=` settings, as train.py
+    composes it: it names, and renders on first use, each split's shards; with no model it processes no
+    samples."""
+    recipe = CONFIG_DIR / "data" / f"{cfg.data_config}.yaml"
+    if not recipe.is_file():
+        options = ", ".join(sorted(path.stem for path in recipe.parent.glob("*.yaml")))
+        raise ValueError(f"data_config={cfg.data_config}: no {recipe}; options: {options}")
+    composed = cfg.copy()
+    with open_dict(composed):  # in the whole config, so that ${paths.data_dir} and ${seed} resolve
+        composed.data = OmegaConf.merge(OmegaConf.load(recipe), cfg.data)
+    return instantiate(composed.data, processor_factory=None, pad_id=0)
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """eval.py: score `predictions=` as they are, or rebuild the model from the checkpoint's own config
     (checked: vlm.checkpoint) and generate. With both, the checkpoint only supplies the tokenizer and
     vision-token count. `data.<key>=` settings replace the checkpoint's (its paths are the training
-    machine's)."""
+    machine's); without a checkpoint they apply to `data_config`, whose splits are rebuilt as train.py
+    would (benchmark=synthetic reads its test split)."""
     predictions, ckpt_path = cfg.get("predictions"), cfg.get("ckpt_path")
     benchmark = instantiate(cfg.benchmark)
     output_dir = Path(cfg.paths.output_dir)
@@ -135,12 +152,14 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a file")
     if predictions and not Path(predictions).exists():
         raise FileNotFoundError(f"predictions={predictions} does not exist")
-    module = datamodule = None
+    module = None
     if ckpt_path:
         module = load_module(ckpt_path)
         overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
         data_cfg = OmegaConf.merge(module.cfg.data, overrides)
         datamodule = build_datamodule(data_cfg, module.model, module.cfg.max_length)
+    else:
+        datamodule = datamodule_without_checkpoint(cfg)
     if predictions:
         loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
         try:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from vlm.data.images import open_image
+from vlm.text_accounting import DEFAULT_REFERENCES, TextAccounting
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +120,26 @@ class Predictions(dict):
 @dataclass
 class Benchmark:
     """Base: subclasses implement `items`, `score` and the prediction format (`write_predictions`,
-    `read_predictions`); the defaults read and write one JSON object {key: prediction}."""
+    `read_predictions`); the defaults read and write one JSON object {key: prediction}.
+
+    `tokenizers`: the reference tokenizers (`vlm.text_accounting`) that, with the model's own, count the
+    text an image shows, for `chars_per_vision_token` and `compression_<tokenizer>`; `vision_tokens`:
+    vision tokens per image of a model scored from its predictions (with a checkpoint: the model's)."""
 
     name: str = "benchmark"
     batch_size: int = 8
     max_new_tokens: int = 512
     limit: int | None = None  # items; None = all
+    tokenizers: list[str] = field(default_factory=lambda: list(DEFAULT_REFERENCES))
+    vision_tokens: int | None = None
+
+    def vision_tokens_per_image(self, context: Context | None) -> int | None:
+        """The model's vision tokens per image, else `vision_tokens`."""
+        return (context.vision_tokens_per_image if context is not None else None) or self.vision_tokens
+
+    def accounting(self, context: Context | None) -> TextAccounting:
+        """Counts of text under the model's tokenizer (when there is a checkpoint) and `tokenizers`."""
+        return TextAccounting(context.tokenizer if context is not None else None, self.tokenizers)
 
     def items(self, context: Context | None = None) -> list[Item]:
         raise NotImplementedError
@@ -359,7 +374,7 @@ def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> li
         key = raw.get("__key__", "?")
         try:
             record = load_record(raw.get("json"), key)
-            meta = record.get("meta") or {}
+            meta = {"task": record.get("task"), **(record.get("meta") or {})}
             text = (
                 record["prompt"] if prompt is None else prompt.replace("{question}", meta.get("question", ""))
             )
@@ -411,6 +426,15 @@ def curve_plot(rows: list[dict], x: str, ys: tuple[str, ...], xlabel: str):
         fig.savefig(path, dpi=120)
 
     return make
+
+
+def text_metrics(accounting: TextAccounting, counts: list[dict], vision_tokens: float | None) -> dict:
+    """The mean text counts (`mean_chars`, `mean_bytes`, `mean_tokens_<tokenizer>`) of `counts` (rows with
+    `accounting.count`'s keys) and, given the vision tokens per item, the ratios of those means to them
+    (`chars_per_vision_token`, `compression_<tokenizer>`)."""
+    means = {key: mean(row[key] for row in counts) for key in accounting.count_keys}
+    ratios = accounting.ratios(means, vision_tokens) if vision_tokens else {}
+    return {f"mean_{key}": value for key, value in means.items()} | ratios
 
 
 def mean(values) -> float:

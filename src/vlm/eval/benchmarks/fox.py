@@ -6,10 +6,11 @@ entries {"image": "en_1.png", "conversations": [{"from": "human", "value": "<ima
 
 Metrics per page (`vlm.eval.ocr`; words by `str.split()`, or jieba when either text has Chinese, as
 the official script decides per page): word precision in both conventions, recall, F1, normalised edit
-distance and 1 - NED, BLEU; means over pages, per language. The compression study bins pages by their
-ground-truth text tokens (bins of `bin_size`, our LLM's tokenizer and optionally another named one) and
-divides by the vision tokens per page from the model config (DeepSeek-OCR, Table 2: English pages of
-600-1300 tokens, 64 and 100 vision tokens).
+distance and 1 - NED, BLEU; means over pages, per language. The compression study, once per tokenizer
+(our LLM's and each of `tokenizers`, `vlm.text_accounting`), bins pages by their ground-truth tokens
+under it (bins of `bin_size`) and divides by the vision tokens per page from the model config or
+`vision_tokens`: `compression_<tokenizer>` and `chars_per_vision_token` per bin (DeepSeek-OCR, Table
+2: English pages of 600-1300 tokens of its own tokenizer, 64 and 100 vision tokens).
 
 Prediction format: what the official `eval_tools/eval_ocr_test.py` reads, a JSON list of
 {"image", "lang", "label": ground truth, "answer": prediction}; `fox_predictions.json` in a directory.
@@ -31,8 +32,10 @@ from vlm.eval.benchmarks.base import (
     curve_plot,
     empty_for_missing,
     mean,
+    text_metrics,
 )
 from vlm.eval.ocr import ocr_scores
+from vlm.text_accounting import TextAccounting, compression_label
 
 SCORES_VS_COMPRESSION = ("precision", "precision_fox_official", "one_minus_ned")
 SCORES = (
@@ -56,10 +59,8 @@ class Fox(JsonRowsBenchmark):
     data_dir: str = "data/fox/focus_benchmark_test"
     languages: list[str] = field(default_factory=lambda: ["en", "cn"])
     prompt: str | None = None  # None = each entry's own request
-    bin_size: int = 100  # text tokens per bin of the compression study
+    bin_size: int = 100  # tokens per bin of the compression study
     compression_languages: list[str] = field(default_factory=lambda: ["en"])  # as DeepSeek-OCR
-    vision_tokens: int | None = None  # per page, for predictions of a model we have no checkpoint of
-    tokenizer: str | None = None  # another tokenizer for the study (a local HF directory or Hub id)
     batch_size: int = 4
     max_new_tokens: int = 2048
 
@@ -91,29 +92,16 @@ class Fox(JsonRowsBenchmark):
     def row_text(self, row: dict) -> str:
         return row["answer"]
 
-    def _tokenizers(self, context: Context) -> dict:
-        tokenizers = {}
-        if context.tokenizer is not None:
-            tokenizers["ours"] = context.tokenizer.encode
-        if self.tokenizer:
-            from transformers import AutoTokenizer
-
-            other = AutoTokenizer.from_pretrained(self.tokenizer)
-            tokenizers[self.tokenizer] = lambda text: other.encode(text, add_special_tokens=False)
-        return tokenizers
-
     def score(self, items: list[Item], predictions: dict[str, str], context: Context) -> Result:
         predictions, notes = empty_for_missing(items, predictions, "pages")
-        tokenizers = self._tokenizers(context)
+        accounting = self.accounting(context)
         samples = []
         for item in items:
             row = {"key": item.key, "lang": item.meta["lang"]}
             row |= {
                 k: v for k, v in ocr_scores(predictions[item.key], item.answers[0]).items() if k in SCORES
             }
-            row |= {
-                f"text_tokens/{name}": len(encode(item.answers[0])) for name, encode in tokenizers.items()
-            }
+            row |= accounting.count(item.answers[0])
             samples.append(row | {"prediction": predictions[item.key], "answer": item.answers[0]})
         metrics: dict = {"pages": len(items)} | {k: mean(r[k] for r in samples) for k in SCORES}
         by_lang = defaultdict(list)
@@ -125,44 +113,47 @@ class Fox(JsonRowsBenchmark):
                 for lang, rows in by_lang.items()
             ]
         }
-        vision = context.vision_tokens_per_image or self.vision_tokens
+        vision = self.vision_tokens_per_image(context)
         plots = {}
         if vision is None:
             notes.append(
                 "no vision-token count (no checkpoint and no benchmark.vision_tokens): compression study skipped"
             )
-        elif not tokenizers:
-            notes.append("no tokenizer (no checkpoint and no benchmark.tokenizer): compression study skipped")
         else:
             metrics["vision_tokens_per_page"] = vision
             study = [r for r in samples if r["lang"] in self.compression_languages]
-            for name in tokenizers:
-                table = compression_table(study, f"text_tokens/{name}", vision, self.bin_size)
-                tables[f"compression ({name} tokenizer)"] = table
-                plots[f"precision_vs_compression_{name.replace('/', '_')}"] = curve_plot(
-                    table,
-                    "compression",
-                    SCORES_VS_COMPRESSION,
-                    f"compression (text tokens [{name}] / vision tokens)",
+            metrics |= text_metrics(accounting, study, vision)
+            for name in accounting.names:
+                table = compression_table(study, accounting, name, vision, self.bin_size)
+                tables[f"compression_{name}"] = table
+                plots[f"precision_vs_compression_{name}"] = curve_plot(
+                    table, f"compression_{name}", SCORES_VS_COMPRESSION, compression_label(name)
                 )
         return Result(metrics, samples, tables, plots, notes)
 
 
-def compression_table(rows: list[dict], tokens_key: str, vision_tokens: int, bin_size: int) -> list[dict]:
-    """Pages binned by ground-truth text tokens: precision (both conventions) and 1 - NED per bin."""
+def compression_table(
+    rows: list[dict], accounting: TextAccounting, name: str, vision_tokens: int, bin_size: int
+) -> list[dict]:
+    """Pages binned by their ground truth's tokens under tokenizer `name`: its characters per vision
+    token, `compression_<name>`, precision (both conventions) and 1 - NED per bin."""
+    tokens_key = f"tokens_{name}"
     bins = defaultdict(list)
     for row in rows:
         bins[row[tokens_key] // bin_size * bin_size].append(row)
     table = []
     for start in sorted(bins):
         members = bins[start]
-        tokens = mean(r[tokens_key] for r in members)
+        ratios = accounting.ratios(
+            {k: mean(r[k] for r in members) for k in accounting.count_keys}, vision_tokens
+        )
         table.append(
             {
-                "text_tokens": f"{start}-{start + bin_size}",
+                tokens_key: f"{start}-{start + bin_size}",
                 "pages": len(members),
                 "vision_tokens": vision_tokens,
-                "compression": tokens / vision_tokens,
+                "chars_per_vision_token": ratios["chars_per_vision_token"],
+                f"compression_{name}": ratios[f"compression_{name}"],
                 "precision": mean(r["precision"] for r in members),
                 "precision_fox_official": mean(r["precision_fox_official"] for r in members),
                 "one_minus_ned": mean(r["one_minus_ned"] for r in members),

@@ -8,10 +8,12 @@ fit in the run's `max_length`) and from its text (text view; the document's end 
 as in training). Where the whole text fits, the text view is the full-text upper bound.
 
 Reported per length: exact match and ANLS of each view, the document's text tokens (the model's
-tokenizer), pages, vision tokens and compression (text tokens / vision tokens), the share of the
-document the text view kept and how often it kept the answer; overall, the same split at the text
-window (documents that fit as text / documents that do not) and the wall time per question of each
-view's generation pass. The plot marks the text window: the document tokens the LLM can take as text.
+tokenizer) and its counts under each tokenizer (`vlm.text_accounting`: characters, bytes, the model's
+tokenizer and each of `tokenizers`), pages, vision tokens, characters per vision token and
+`compression_<tokenizer>` (the document's tokens / its vision tokens), the share of the document the
+text view kept and how often it kept the answer; overall, the same split at the text window (documents
+that fit as text / documents that do not) and the wall time per question of each view's generation
+pass. The plot marks the text window: the document tokens the LLM can take as text.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from vlm.data.processing import SampleProcessor
 from vlm.eval.anls import anls_score
 from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result, empty_for_missing, mean
 from vlm.models.encoders.base import ImagePreprocessing
+from vlm.text_accounting import TextAccounting, llm_tokenizer_name
 
 log = logging.getLogger(__name__)
 VIEWS = ("vision", "text")
@@ -72,6 +75,7 @@ class LongDocBenchmark(Benchmark):
         def encode(prompt: str) -> list[int]:
             return processor.encode_prompt(prompt, 0)
 
+        accounting = self.accounting(context)
         fonts = recipe.available_fonts()
         items: list[Item] = []
         self.unrendered: dict[int, int] = {}
@@ -88,7 +92,7 @@ class LongDocBenchmark(Benchmark):
                 vision_prompt_tokens = len(processor.encode_prompt(sample["prompt"], pages))
                 common = {
                     "length": length,
-                    "chars": meta["chars"],
+                    **accounting.count(document),
                     "text_tokens": len(tokenizer.encode(document)),
                     "text_window_tokens": budget - len(encode(text_prompt("", question, encode, budget)[0])),
                     "fits_as_text": kept == len(document),
@@ -155,8 +159,10 @@ class LongDocBenchmark(Benchmark):
                     "anls": anls_score(prediction, item.answers),
                 }
             )
+        accounting = self.accounting(context)
         curve = [
-            self._point(length, samples, items) for length in dict.fromkeys(i.meta["length"] for i in items)
+            self._point(length, samples, items, accounting)
+            for length in dict.fromkeys(i.meta["length"] for i in items)
         ]
         window = mean(i.meta["text_window_tokens"] for i in items)
         metrics: dict = {
@@ -182,27 +188,28 @@ class LongDocBenchmark(Benchmark):
                     f"{view}_questions": len(inside),
                 }
         vision_rows = [r for r in samples if r["view"] == "vision"]
-        if vision_rows:
-            metrics["vision"]["compression"] = mean(
-                r["text_tokens"] / r["vision_tokens"] for r in vision_rows
-            )
+        if vision_rows:  # each document's ratios, averaged over the documents shown as pages
+            ratios = [accounting.ratios(r, r["vision_tokens"]) for r in vision_rows]
+            metrics["vision"] |= {key: mean(r[key] for r in ratios) for key in ratios[0]}
             metrics["vision"]["mean_vision_tokens"] = mean(r["vision_tokens"] for r in vision_rows)
-        plots = {"accuracy_vs_length": accuracy_plot(curve, self.views, window, context.max_length)}
+        x_label = f"document length ({llm_tokenizer_name(context.tokenizer)} tokens)"
+        plot = accuracy_plot(curve, self.views, window, context.max_length, x_label)
+        plots = {"accuracy_vs_length": plot}
         return Result(metrics, samples, {"curve": curve}, plots, notes)
 
-    def _point(self, length: int, samples: list[dict], items: list[Item]) -> dict:
+    def _point(self, length: int, samples: list[dict], items: list[Item], accounting: TextAccounting) -> dict:
         """One length's row of the curve: sizes, then each view's scores (None where nothing was shown)."""
         documents = [i.meta for i in items if i.meta["length"] == length and i.meta["view"] == self.views[0]]
         point = {
             "length": length,
             "documents": len(documents),
             "text_tokens": mean(m["text_tokens"] for m in documents),
+            **{key: mean(m[key] for m in documents) for key in accounting.count_keys},
             "pages": mean(m["pages"] for m in documents),
             "vision_tokens": mean(m["vision_tokens"] for m in documents),
         }
-        point["compression"] = (
-            point["text_tokens"] / point["vision_tokens"] if point["vision_tokens"] else None
-        )
+        if point["vision_tokens"]:
+            point |= accounting.ratios(point, point["vision_tokens"])
         point["fits_as_text"] = mean(float(m["fits_as_text"]) for m in documents)
         rows = [r for r in samples if r["length"] == length]
         for view in self.views:
@@ -221,7 +228,7 @@ class LongDocBenchmark(Benchmark):
         return point
 
 
-def accuracy_plot(curve: list[dict], views: list[str], window: float, max_length: int):
+def accuracy_plot(curve: list[dict], views: list[str], window: float, max_length: int, x_label: str):
     """A plot maker: exact match and ANLS against document text tokens, per view, the full-text upper
     bound where the document fits, the share of documents whose answer the text view kept (the most it
     can get right), and the text window marked."""
@@ -257,7 +264,7 @@ def accuracy_plot(curve: list[dict], views: list[str], window: float, max_length
                 linestyle="--",
                 label=f"LLM window: {window:.0f} document tokens (max_length {max_length})",
             )
-            ax.set_xlabel("document length (text tokens)")
+            ax.set_xlabel(x_label)
             ax.set_title(title)
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)

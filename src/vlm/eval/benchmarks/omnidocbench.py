@@ -5,6 +5,9 @@ Prediction format: one `<image stem>.md` per page in a folder (the official layo
 prediction file is dropped from every metric, as the official code does, and reported loudly;
 `benchmark.missing=empty` scores it as an empty page instead. The overall score uses
 1 - display-formula edit distance where the leaderboard uses CDM (external LaTeX tools), and says so.
+With the vision tokens per page (the checkpoint's or `vision_tokens`), the ground truth's text blocks
+(formulas and tables left out) give characters per vision token and `compression_<tokenizer>` under the
+model's tokenizer and each of `tokenizers` (`vlm.text_accounting`).
 
 Untrusted inputs: a prediction file over `MAX_PREDICTION_SIZE`, or one whose markdown cannot be scored, is
 scored as an empty page; undecodable bytes become U+FFFD; a table pair over `teds_max_node_pairs` gets
@@ -28,9 +31,10 @@ from vlm.eval.benchmarks.base import (
     Result,
     bar_plot,
     read_json_members,
+    text_metrics,
 )
 from vlm.eval.omnidocbench import score_omnidocbench
-from vlm.eval.omnidocbench.ground_truth import check_page, image_name
+from vlm.eval.omnidocbench.ground_truth import TEXT_CATEGORIES, check_page, image_name, sort_by_order
 from vlm.eval.omnidocbench.score import TEDS_MAX_NODE_PAIRS, decode_prediction, prediction_file
 
 log = logging.getLogger(__name__)
@@ -162,6 +166,9 @@ class OmniDocBench(Benchmark):
         notes.append(
             f"overall uses {result.metrics['overall_formula_metric']} for formulas (the leaderboard: CDM)"
         )
+        accounting = self.accounting(context)
+        counts = [accounting.count(page_text(page)) for page in pages]
+        result.metrics |= text_metrics(accounting, counts, self.vision_tokens_per_image(context))
         for attribute, values in result.breakdowns.get("text_edit", {}).items():
             rows = []
             for value in values:
@@ -176,6 +183,16 @@ class OmniDocBench(Benchmark):
             if attribute in ("data_source", "language", "layout")
         }
         return Result(result.metrics, result.pages, tables, plots, notes)
+
+
+def page_text(page: dict) -> str:
+    """The page's ground-truth text: its text blocks in reading order, one per line."""
+    blocks = [
+        block
+        for block in page["layout_dets"]
+        if block.get("category_type") in TEXT_CATEGORIES and isinstance(block.get("text"), str)
+    ]
+    return "\n".join(block["text"] for block in sort_by_order(blocks))
 
 
 def read_ground_truth(path: Path) -> tuple[list[dict], list[str]]:

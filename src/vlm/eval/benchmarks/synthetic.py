@@ -1,9 +1,11 @@
 """Built-in benchmarks on rendered text, with exact ground truth and no downloads.
 
 - `benchmark=synthetic`: read back the held-out test split of the run's own data; CER, WER, exact
-  match, text and vision tokens, compression ratio.
+  match, the text per sample (characters, bytes, tokens), vision tokens, characters per vision token
+  and compression under each tokenizer (`vlm.text_accounting`).
 - `benchmark=synthetic_compression`: text of a sweep of lengths rendered into the model's fixed input
-  size (the font shrinks to fit), giving precision versus compression ratio for any checkpoint.
+  size (the font shrinks to fit), giving precision versus compression under each tokenizer for any
+  checkpoint.
 """
 
 from __future__ import annotations
@@ -29,13 +31,11 @@ from vlm.eval.benchmarks.base import (
     prediction_problem,
     read_json_lines,
     shard_items,
+    text_metrics,
 )
 from vlm.eval.metrics import cer, corpus_cer, corpus_wer, exact_match
 from vlm.eval.ocr import ocr_scores
-
-
-def _text_tokens(tokenizer, texts: list[str]) -> list[int] | None:
-    return None if tokenizer is None else [len(tokenizer.encode(t)) for t in texts]
+from vlm.text_accounting import compression_label
 
 
 @dataclass
@@ -57,11 +57,12 @@ class SyntheticBenchmark(Benchmark):
         predictions, notes = empty_for_missing(items, predictions, "samples")
         texts = [predictions[item.key] for item in items]
         references = [item.answers[0] for item in items]
-        tokens = _text_tokens(context.tokenizer, references)
+        accounting = self.accounting(context)
+        counts = [accounting.count(reference) for reference in references]
         samples = [
             {"key": item.key, "prediction": text, "answers": item.answers, "cer": cer(text, reference)}
-            | ({"text_tokens": tokens[i]} if tokens else {})
-            for i, (item, text, reference) in enumerate(zip(items, texts, references, strict=True))
+            | count
+            for item, text, reference, count in zip(items, texts, references, counts, strict=True)
         ]
         metrics = {
             "split": self.split,
@@ -69,11 +70,9 @@ class SyntheticBenchmark(Benchmark):
             "cer": corpus_cer(texts, references),
             "wer": corpus_wer(texts, references),
             "exact_match": exact_match(texts, references),
+            "vision_tokens_per_image": self.vision_tokens_per_image(context),
         }
-        if tokens and context.vision_tokens_per_image:
-            metrics["mean_text_tokens"] = mean(tokens)
-            metrics["vision_tokens_per_image"] = context.vision_tokens_per_image
-            metrics["compression_ratio"] = mean(tokens) / context.vision_tokens_per_image
+        metrics |= text_metrics(accounting, counts, metrics["vision_tokens_per_image"])
         return Result(metrics, samples, notes=notes)
 
 
@@ -83,8 +82,10 @@ class SyntheticCompression(Benchmark):
 
     For each text length in `lengths` (characters), `samples_per_length` snippets of the corpus's test
     split are rendered into an image of `image_size` (default: the checkpoint's encoder input), in the
-    largest of `font_sizes` at which the snippet fits. Compression = ground-truth text tokens (the
-    model's tokenizer) / vision tokens per image. Lengths that fit at no font size are reported.
+    largest of `font_sizes` at which the snippet fits. Per length: the ground truth's characters per
+    vision token and `compression_<tokenizer>` (its tokens / vision tokens per image) for the model's
+    tokenizer and each of `tokenizers`, with one plot per tokenizer. Lengths that fit at no font size are
+    reported.
     """
 
     name: str = "synthetic_compression"
@@ -122,7 +123,7 @@ class SyntheticCompression(Benchmark):
                         image = render(text, (height, width), style)
                     except TextDoesNotFit:
                         continue
-                    meta = {"length": length, "font_size": size, "chars": len(text)}
+                    meta = {"task": "ocr", "length": length, "font_size": size, "chars": len(text)}
                     items.append(Item(f"len{length:04d}-{i:04d}", image, self.prompt, [text], meta))
                     rendered += 1
                     break
@@ -157,10 +158,10 @@ class SyntheticCompression(Benchmark):
         predictions, notes = empty_for_missing(items, predictions, "samples")
         if getattr(self, "unfit", None):
             notes.append(f"lengths {self.unfit} fit the image at no font size in {self.font_sizes}")
-        tokens = _text_tokens(context.tokenizer, [item.answers[0] for item in items])
-        vision = context.vision_tokens_per_image
+        accounting = self.accounting(context)
+        vision = self.vision_tokens_per_image(context)
         samples = []
-        for i, item in enumerate(items):
+        for item in items:
             scores = ocr_scores(predictions[item.key], item.answers[0], "en")
             row = {
                 "key": item.key,
@@ -170,9 +171,7 @@ class SyntheticCompression(Benchmark):
             }
             row |= {"precision": scores["precision"], "one_minus_ned": scores["one_minus_ned"]}
             row["cer"] = cer(predictions[item.key], item.answers[0])
-            if tokens:
-                row["text_tokens"] = tokens[i]
-            samples.append(row)
+            samples.append(row | accounting.count(item.answers[0]))
         curve = []
         for length in dict.fromkeys(item.meta["length"] for item in items):
             rows = [r for r in samples if r["length"] == length]
@@ -184,9 +183,9 @@ class SyntheticCompression(Benchmark):
                 "one_minus_ned": mean(r["one_minus_ned"] for r in rows),
                 "cer": mean(r["cer"] for r in rows),
             }
-            if tokens and vision:
-                point["text_tokens"] = mean(r["text_tokens"] for r in rows)
-                point["compression"] = point["text_tokens"] / vision
+            point |= {key: mean(r[key] for r in rows) for key in accounting.count_keys}
+            if vision:
+                point |= accounting.ratios(point, vision)
             curve.append(point)
         metrics = {
             "samples": len(items),
@@ -195,7 +194,14 @@ class SyntheticCompression(Benchmark):
             "one_minus_ned": mean(r["one_minus_ned"] for r in samples),
             "cer": mean(r["cer"] for r in samples),
         }
-        x = "compression" if tokens and vision else "length"
-        label = "compression (text tokens / vision tokens)" if x == "compression" else "characters"
-        plot = curve_plot(curve, x, ("precision", "one_minus_ned"), label)
-        return Result(metrics, samples, {"curve": curve}, {"precision_vs_compression": plot}, notes)
+        scores = ("precision", "one_minus_ned")
+        if vision:
+            plots = {
+                f"precision_vs_compression_{name}": curve_plot(
+                    curve, f"compression_{name}", scores, compression_label(name)
+                )
+                for name in accounting.names
+            }
+        else:
+            plots = {"precision_vs_length": curve_plot(curve, "length", scores, "characters")}
+        return Result(metrics, samples, {"curve": curve}, plots, notes)

@@ -6,8 +6,11 @@ head, logits soft-capped at 15, grouped KV heads. Parameter names follow nanocha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm.models.llms.lora import apply_lora
-from vlm.models.llms.tokenizer import ByteTokenizer
+from vlm.models.llms.tokenizer import BPETokenizer, ByteTokenizer, make_tokenizer
 
 
 @dataclass
@@ -133,7 +136,7 @@ class GPT(nn.Module):
 
     block_classes = (Block,)
 
-    def __init__(self, config: GPTConfig, tokenizer: ByteTokenizer | None = None) -> None:
+    def __init__(self, config: GPTConfig, tokenizer: ByteTokenizer | BPETokenizer | None = None) -> None:
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer or ByteTokenizer()
@@ -275,8 +278,26 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap)
 
 
+_checkpoint_tokenizer: ContextVar[BPETokenizer | None] = ContextVar("checkpoint_tokenizer", default=None)
+
+
+@contextlib.contextmanager
+def tokenizer_from_checkpoint(tokenizer: BPETokenizer | None) -> Iterator[None]:
+    """Within it, `build_gpt` uses `tokenizer` (the one a checkpoint holds) instead of making the one its
+    arguments name, so a trained model is rebuilt without the tokenizer cache; None changes nothing. (Not
+    a config value: the run config is saved and logged, and would carry the tokenizer's whole JSON.)"""
+    reset = _checkpoint_tokenizer.set(tokenizer)
+    try:
+        yield
+    finally:
+        _checkpoint_tokenizer.reset(reset)
+
+
 def build_gpt(
-    vocab_size: int = 260,
+    tokenizer: str = "bytes",
+    tokenizer_vocab_size: int = 8192,
+    tokenizer_dir: str = "data/tokenizers",
+    vocab_size: int | None = None,
     sequence_len: int = 1024,
     n_layer: int = 4,
     n_head: int = 4,
@@ -284,14 +305,17 @@ def build_gpt(
     n_embd: int = 256,
     lora: dict | None = None,
 ) -> GPT:
-    """A freshly initialised GPT with the byte tokenizer (Hydra entry point of `llm=tiny`); `lora`
-    (r > 0): LoRA adapters on the linear layers, the rest frozen (`vlm.models.llms.lora`)."""
+    """A freshly initialised GPT (Hydra entry point of `llm=tiny`) with the tokenizer `tokenizer` names:
+    `bytes`, or `bpe` trained on the built-in corpus with `tokenizer_vocab_size` ids and cached in
+    `tokenizer_dir` (vlm.models.llms.tokenizer.make_tokenizer). `vocab_size`: the embedding's rows, None
+    for the tokenizer's. `lora` (r > 0): LoRA adapters on the linear layers, the rest frozen."""
+    tok = _checkpoint_tokenizer.get() or make_tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_dir)
     config = GPTConfig(
         sequence_len=sequence_len,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size or tok.vocab_size,
         n_layer=n_layer,
         n_head=n_head,
         n_kv_head=n_kv_head or n_head,
         n_embd=n_embd,
     )
-    return apply_lora(GPT(config), lora)
+    return apply_lora(GPT(config, tok), lora)

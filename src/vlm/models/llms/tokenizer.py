@@ -1,4 +1,5 @@
-"""Tokenizers: UTF-8 bytes plus a few special tokens (no files), and nanochat's BPE (tiktoken).
+"""Tokenizers: UTF-8 bytes plus a few special tokens (no files), a byte-level BPE trained on the built-in
+corpus (HF `tokenizers`, one JSON file), and nanochat's BPE (tiktoken).
 
 Every tokenizer offers `encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `image_token_id`, `stop_ids`,
 `vocab_size` and `format_prompt`.
@@ -6,11 +7,20 @@ Every tokenizer offers `encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `image_
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import pickle
+import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
 from vlm import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
 
 
 class ByteTokenizer:
@@ -45,6 +55,142 @@ class ByteTokenizer:
     def format_prompt(self, user_text: str) -> str:
         """The text the model sees before its answer (chat templates hook in here)."""
         return user_text
+
+
+# GPT-4's pre-tokenizer pattern as nanochat uses it (digits in groups of at most two): BPE merges stay
+# within a word, a number group, a run of punctuation or of whitespace
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"""
+    r"""|\s+(?!\S)|\s+"""
+)
+
+
+class BPETokenizer:
+    """Byte-level BPE (an HF `tokenizers` Tokenizer, saved as one JSON string) with ByteTokenizer's special
+    tokens as its last ids, as nanochat appends its own.
+
+    Any text encodes: it is split with `SPLIT_PATTERN` and merged from its UTF-8 bytes. As with the byte
+    tokenizer, special-token strings in `encode`'s text (`<image>`) are encoded as text, never as their
+    ids, and `decode` drops special tokens; invalid UTF-8 is replaced.
+    """
+
+    special_tokens = ByteTokenizer.special_tokens
+
+    def __init__(self, tokenizer) -> None:
+        ids = {tok: tokenizer.token_to_id(tok) for tok in self.special_tokens}
+        missing = [tok for tok, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"the BPE tokenizer lacks the special tokens {', '.join(missing)}")
+        self.hf = tokenizer
+        self.hf.encode_special_tokens = True  # not saved in the JSON: text never yields a special id
+        self.bos_id, self.eos_id = ids["<|bos|>"], ids["<|eos|>"]
+        self.pad_id, self.image_token_id = ids["<|pad|>"], ids[IMAGE_TOKEN]
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        """The tokenizer of an HF `tokenizers` JSON string (`to_json`'s output)."""
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(text))
+
+    @classmethod
+    def from_file(cls, file: str | Path) -> BPETokenizer:
+        return cls.from_json(Path(file).read_text(encoding="utf-8"))
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.eos_id]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        kept = [i for i in ids if 0 <= i < self.vocab_size]
+        return self.hf.decode(kept, skip_special_tokens=True)
+
+    def format_prompt(self, user_text: str) -> str:
+        return user_text
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """A byte-level BPE tokenizer trained on `texts`, with at most `vocab_size` ids, the special tokens
+    (appended last) included. The same texts and size give the same tokenizer."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    special = BPETokenizer.special_tokens
+    if vocab_size < 256 + len(special):
+        raise ValueError(
+            f"a byte-level BPE vocabulary needs at least {256 + len(special)} ids, got {vocab_size}"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(special),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in special])
+    return BPETokenizer(tokenizer)
+
+
+def corpus_bpe_tokenizer(vocab_size: int, cache_dir: str | Path) -> BPETokenizer:
+    """`train_bpe` on the built-in corpus's train split (vlm.data.corpus), trained once and cached as
+    `<cache_dir>/bpe-<vocab_size>-<hash of the corpus and the settings>.json`; later calls read the file."""
+    from vlm.data.corpus import paragraphs_for
+
+    texts = paragraphs_for("train")
+    settings = {"split_pattern": SPLIT_PATTERN, "special_tokens": BPETokenizer.special_tokens}
+    digest = hashlib.sha256(json.dumps(settings).encode())
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    file = Path(cache_dir) / f"bpe-{vocab_size}-{digest.hexdigest()[:12]}.json"
+    if file.is_file():
+        log.info("BPE tokenizer: %s", file)
+        return BPETokenizer.from_file(file)
+    start = time.perf_counter()
+    tokenizer = train_bpe(texts, vocab_size)
+    log.info(
+        "trained a BPE tokenizer of %d ids on the corpus's train split (%d paragraphs) in %.2f s: %s",
+        tokenizer.vocab_size,
+        len(texts),
+        time.perf_counter() - start,
+        file,
+    )
+    file.parent.mkdir(parents=True, exist_ok=True)
+    # a file of this process's own, then renamed: two runs that train at once do not collide
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(tokenizer.to_json())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tokenizer
+
+
+def make_tokenizer(name: str, vocab_size: int, cache_dir: str | Path) -> ByteTokenizer | BPETokenizer:
+    """The tokenizer `llm.tokenizer` names: `bytes` (ByteTokenizer) or `bpe` (`corpus_bpe_tokenizer` of
+    `vocab_size` ids, cached in `cache_dir`)."""
+    if name == "bytes":
+        return ByteTokenizer()
+    if name == "bpe":
+        return corpus_bpe_tokenizer(vocab_size, cache_dir)
+    raise ValueError(f"llm.tokenizer={name!r} is not a tokenizer; expected bytes or bpe")
 
 
 # nanochat's special tokens, in its order; they sit at the end of its vocabulary
