@@ -43,22 +43,15 @@ class GenerationSet(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         processor = self.processor
+        context = {}
         try:  # an image that does not load or a prompt that does not encode (a lone surrogate)
-            if processor.context != "vision":  # the text the image shows instead of its pixels
+            if processor.context == "vision":
+                views = processor.pixel_values(item.load_images())
+                prompt_ids = processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
+            else:  # the text the image shows instead of its pixels
                 record = {**item.meta, "prompt": item.prompt, "answers": item.answers}
                 prompt_ids, context = processor.text_context(record, item.key)
                 views = processor.images.empty()
-                return {
-                    "key": item.key,
-                    "prompt_ids": prompt_ids,
-                    "answer_ids": [],
-                    "pixel_values": views,
-                    "answers": item.answers,
-                    **context,
-                }
-            images = item.load_images()
-            views = processor.pixel_values(images)
-            prompt_ids = processor.encode_prompt(item.prompt, len(views), processor.placeholders(views))
         except (FileNotFoundError, ValueError) as error:
             return {"key": item.key, "error": str(error)}
         return {
@@ -67,6 +60,7 @@ class GenerationSet(Dataset):
             "answer_ids": [],
             "pixel_values": views,
             "answers": item.answers,
+            **context,
         }
 
 
