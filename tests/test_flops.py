@@ -336,7 +336,8 @@ def test_a_short_run_logs_every_perf_key(make_cfg, tmp_path):
     rates = {"tokens_per_s", "images_per_s", "samples_per_s", "tflops_per_s", "mfu"}
     llm = llm_tokenizer_name(VLMModule(cfg).model.tokenizer)
     sizes = {"vision_tokens_per_sample", "peak_memory_gb", "flops_per_step"}
-    sizes |= {"chars_per_vision_token", f"compression_{llm}"}
+    reference = {"compression_bytes", "compression_gpt2"}  # conf/train.yaml reference_tokenizers
+    sizes |= {"chars_per_vision_token", f"compression_{llm}", *reference}
     shares = {"encoder", "resampler", "projector", "llm", "ctc_head", "chunk_head"}
     assert logged == {f"perf/{k}" for k in rates | sizes} | {f"perf/flops_share_{k}" for k in shares}
     mfu = [float(row["perf/mfu"]) for row in rows if row.get("perf/mfu")]

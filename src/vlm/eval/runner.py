@@ -143,6 +143,10 @@ def run_benchmark(
         return {}
     result = benchmark.score(items, predictions, context)
     result.metrics = {"benchmark": benchmark.name, "predictions": source, **result.metrics}
+    if context.generation_seconds:  # wall time of the generation passes, loading and batching included
+        result.metrics["generation_ms_per_item"] = (
+            1000 * sum(context.generation_seconds.values()) / len(items)
+        )
     report_issues(result, getattr(predictions, "issues", []))
     write_result(result, output_dir, benchmark.name)
     log_result(result, loggers or (trainer.loggers if trainer is not None else ()), output_dir)
