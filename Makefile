@@ -10,7 +10,7 @@ GPT2_BPE := $(VENV)/share/vlm/reference_tokenizers/gpt2.tiktoken
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train test lint format clean ocr
+.PHONY: help install train test test-all lint format clean ocr
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml
 train: install ## train the built-in default on rendered text, then evaluate it (CPU is fine)
 	$(PY) train.py $(ARGS)
 
-test: install ## the default test suite (CPU, no network)
+test: install ## the default test suite (CPU, no network; slow tests left out)
 	$(PY) -m pytest $(ARGS)
+
+test-all: install ## every test, the slow ones too (pytest -m slow alone: only those)
+	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 
 ocr: install ## the OCR engines of the baseline arm (python -m vlm.eval.ocr_engines)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ocr]"

@@ -72,8 +72,31 @@ def test_bad_stage_module_is_named(make_cfg):
         VLMModule(make_cfg("stage.freeze=[encoder.nope]"))
 
 
+def test_overfit_at_test_sizes_reproduces_the_exact_strings(make_cfg):
+    """The fast version of the next test: 8 samples, test sizes, 200 steps (about 15 s)."""
+    n = 8
+    small = [f"data.source.{k}={n}" for k in ("num_train", "num_val", "num_test", "samples_per_shard")]
+    small += [f"data.{k}={n}" for k in ("batch_size", "eval_batch_size", "val_samples", "shuffle_buffer")]
+    cfg = make_cfg(
+        "debug=overfit",
+        "loss.chunk_weight=0",
+        "generation.val_batches=1",
+        *small,
+        "trainer.max_steps=200",
+        "trainer.val_check_interval=200",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=10",
+    )
+    metrics = train(cfg)
+    assert metrics["train/loss_lm"] < 0.1, metrics
+    assert metrics["val/exact_match"] == 1.0, metrics
+    assert metrics["val/cer"] == 0.0
+
+
+@pytest.mark.slow
 def test_overfit_reproduces_the_exact_strings(make_cfg):
-    """16 samples at the default sizes (the chunk loss off: it is a reading aid, not memory)."""
+    """16 samples at the default sizes (the chunk loss off: it is a reading aid, not memory); about 200 s
+    on 2 cores: `make test-all`."""
     cfg = make_cfg("debug=overfit", "loss.chunk_weight=0", "generation.val_batches=1", tiny=False)
     metrics = train(cfg)
     assert metrics["train/loss"] < 0.05, metrics
