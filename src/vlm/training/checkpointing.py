@@ -91,7 +91,7 @@ class LastCheckpoint(Checkpoint):
             or trainer.global_step == self._saved_step
         ):
             return
-        trainer.save_checkpoint(self.path)  # on every rank: the strategy decides who writes
+        trainer.save_checkpoint(self.path, weights_only=False)  # all state; every rank: the strategy writes
         self._saved_step = trainer.global_step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -148,7 +148,7 @@ class Preemption(L.Callback):
             if last and os.path.normpath(last) == os.path.normpath(self.path):
                 callback.last_model_path = last
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.path)  # on every rank: the strategy gathers and writes
+        trainer.save_checkpoint(self.path, weights_only=False)  # all state; every rank: the strategy writes
         log.warning(
             "%s: saved %s at step %d (rank %d); resume with ckpt_path=%s (or ckpt_path=last in this run dir)",
             signal.Signals(signum).name,
