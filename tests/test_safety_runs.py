@@ -19,8 +19,9 @@ import torch
 
 from tests.conftest import ROOT, TINY_DATA, TINY_MODEL, run_cli
 from vlm.config import CONFIG_DIR, compose
+from vlm.files import atomic_write
 from vlm.training.callbacks import NonFiniteLoss
-from vlm.training.checkpointing import AtomicCheckpointIO, atomic_write, resume_path
+from vlm.training.checkpointing import AtomicCheckpointIO, resume_path
 from vlm.training.checks import check_config
 from vlm.training.module import VLMModule
 from vlm.training.run import build_trainer, train

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from vlm.files import atomic_write
+
 REFERENCE_DIR = Path(sys.prefix) / "share" / "vlm" / "reference_tokenizers"
 DEFAULT_REFERENCES = ("bytes", "gpt2")
 
@@ -240,10 +242,7 @@ def install(name: str = "gpt2", directory: Path = REFERENCE_DIR) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     if digest != known.sha256:
         raise ValueError(f"{member} of {requirement}: SHA-256 {digest}, expected {known.sha256}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    partial.write_bytes(data)
-    partial.replace(target)
+    atomic_write(target, lambda file: file.write(data))
     return target
 
 

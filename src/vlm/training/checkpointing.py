@@ -13,11 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,36 +28,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 from vlm.checkpoint import load_weights_only
+from vlm.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 LAST = "last"  # ckpt_path=last: the run's newest last*.ckpt, an error when there is none
 LAST_IF_ANY = "last_if_any"  # the same, or a fresh start when there is none (a requeued job's command)
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`write` a temporary file in `path`'s folder, flush it to disk and rename it over `path`: readers see
-    the old file or the new one, never a part. Temporary files of `path` that a killed write left behind
-    are removed first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash of the machine
-    finally:
-        os.close(folder)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -72,7 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        atomic_write(path, lambda file: torch.save(checkpoint, file))
+        atomic_write(path, lambda file: torch.save(checkpoint, file), remove_stale=True)
 
 
 class LastCheckpoint(Checkpoint):
@@ -153,7 +126,9 @@ class _ContinuedWriter(ExperimentWriter):
         writer = csv.DictWriter(text, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write(self.metrics_file_path, lambda file: file.write(text.getvalue().encode()))
+        atomic_write(
+            self.metrics_file_path, lambda file: file.write(text.getvalue().encode()), remove_stale=True
+        )
         self.metrics_keys = keys  # appended rows follow this header (Lightning keeps it sorted)
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
 from vlm import IMAGE_TOKEN
+from vlm.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +169,9 @@ def corpus_bpe_tokenizer(vocab_size: int, cache_dir: str | Path) -> BPETokenizer
         time.perf_counter() - start,
         file,
     )
-    file.parent.mkdir(parents=True, exist_ok=True)
-    # a file of this process's own, then renamed: two runs that train at once do not collide
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(tokenizer.to_json())
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(
+        file, lambda f: f.write(tokenizer.to_json().encode("utf-8"))
+    )  # two runs at once: no collision
     return tokenizer
 
 
