@@ -119,3 +119,37 @@ def test_a_bpe_checkpoint_is_evaluated_without_the_tokenizer_cache(make_cfg, tmp
         load_module(file, checkpoint)
     torch.save({**checkpoint, "tokenizer": trained}, tmp_path / "copy.ckpt")
     assert load_module(tmp_path / "copy.ckpt").model.llm.config.vocab_size == VOCAB
+
+
+def test_the_reading_losses_of_a_bpe_llm_predict_the_texts_bytes(bpe):
+    """loss.aux_units=bytes (the default): the CTC and chunk heads of a BPE LLM target the UTF-8 bytes of
+    the answer (257 classes, 256 the blank/padding); `llm` targets its token ids; the byte tokenizer's
+    heads keep its own 260 ids either way."""
+    from vlm import IGNORE_INDEX
+    from vlm.training.aux_losses import ChunkHead, CTCHead, reading_targets, reading_units
+
+    texts = ["naïve café, 3 × 4", "x"]
+    rows = [[bpe.bos_id, *bpe.encode(text), bpe.eos_id] for text in texts]
+    width = max(map(len, rows))
+    labels = torch.full((2, width), IGNORE_INDEX)
+    for i, row in enumerate(rows):
+        labels[i, 1 : len(row)] = torch.tensor(row[1:])
+    batch = {"labels": labels, "images_per_sample": torch.ones(2, dtype=torch.long)}
+
+    as_bytes, classes, blank = reading_units("bytes", bpe)
+    assert (as_bytes, classes, blank) == (True, 257, 256)
+    got = reading_targets(batch, bpe, "loss.ctc_weight", as_bytes)
+    assert [t.tolist() for t in got] == [list(text.encode("utf-8")) for text in texts]
+    got = reading_targets(batch, bpe, "loss.ctc_weight", False)
+    assert [t.tolist() for t in got] == [bpe.encode(text) for text in texts]
+
+    assert CTCHead(8, 2, bpe).proj.out_features == 4 * 257
+    assert ChunkHead(8, 4, bpe, units="llm").proj.out_features == 4 * VOCAB
+    head = ChunkHead(8, 4, bpe)
+    vision = torch.randn(2, 5, 8)
+    loss = head.loss(vision, batch)  # 20 slots: the longer text's 20 bytes; the other's 1, then padding
+    assert torch.isfinite(loss) and loss.item() > 0
+    byte = ByteTokenizer()
+    assert reading_units("bytes", byte) == reading_units("llm", byte) == (False, 260, byte.pad_id)
+    with pytest.raises(ValueError, match="loss.aux_units='chars'"):
+        reading_units("chars", bpe)

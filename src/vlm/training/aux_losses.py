@@ -7,6 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm import IGNORE_INDEX
+from vlm.models.llms.tokenizer import ByteTokenizer
+
+UNITS = ("bytes", "llm")
+BYTE_CLASSES = 257  # UTF-8 byte values 0-255, then 256: the CTC blank and the chunk loss's padding
 
 
 def answer_targets(batch: dict, eos_id: int, loss_name: str) -> list[torch.Tensor]:
@@ -27,6 +31,29 @@ def answer_targets(batch: dict, eos_id: int, loss_name: str) -> list[torch.Tenso
     return [row[mask] for row, mask in zip(batch["labels"], is_answer, strict=True)]
 
 
+def reading_units(units: str, tokenizer) -> tuple[bool, int, int]:
+    """(as bytes, classes, blank/padding id) of the auxiliary losses' targets in `units`
+    (`loss.aux_units`): `bytes`, the UTF-8 bytes of the text whatever the LLM's tokenizer; `llm`, the
+    LLM's own token ids. With the byte tokenizer both are its ids (its runs keep the classes they were
+    measured with)."""
+    if units not in UNITS:
+        raise ValueError(f"loss.aux_units={units!r}: expected one of {', '.join(UNITS)}")
+    if units == "llm" or isinstance(tokenizer, ByteTokenizer):
+        return False, tokenizer.vocab_size, tokenizer.pad_id
+    return True, BYTE_CLASSES, BYTE_CLASSES - 1
+
+
+def reading_targets(batch: dict, tokenizer, loss_name: str, as_bytes: bool) -> list[torch.Tensor]:
+    """`answer_targets` as the LLM's ids, or (`as_bytes`) as the UTF-8 bytes of the text they spell."""
+    targets = answer_targets(batch, tokenizer.eos_id, loss_name)
+    if not as_bytes:
+        return targets
+    return [
+        torch.tensor(list(tokenizer.decode(ids.tolist()).encode("utf-8")), dtype=torch.long, device=ids.device)
+        for ids in targets
+    ]
+
+
 class CTCHead(nn.Module):
     """CTC over the encoder's feature columns, read left to right, against the answer's tokens.
 
@@ -36,17 +63,16 @@ class CTCHead(nn.Module):
     the decoder never learns to read. A CTC loss on the encoder's columns (as in hybrid CTC/attention
     recognisers) keeps its features about the characters from the first step. Each column emits
     `frames_per_column` CTC frames, so a line can hold more characters than the grid has columns.
-    Single-line images only (a line of OCR, or a one-line page of `data=longdoc`).
+    Single-line images only (a line of OCR, or a one-line page of `data=longdoc`). Targets in `units`
+    (`reading_units`): by default the text's bytes, so a BPE LLM's encoder still learns characters.
     """
 
-    def __init__(self, token_dim: int, rows: int, tokenizer, frames_per_column: int = 4) -> None:
+    def __init__(
+        self, token_dim: int, rows: int, tokenizer, frames_per_column: int = 4, units: str = "bytes"
+    ) -> None:
         super().__init__()
-        self.frames_per_column, self.blank, self.eos_id = (
-            frames_per_column,
-            tokenizer.pad_id,
-            tokenizer.eos_id,
-        )
-        self.vocab_size = tokenizer.vocab_size
+        self.frames_per_column, self.tokenizer = frames_per_column, tokenizer
+        self.as_bytes, self.vocab_size, self.blank = reading_units(units, tokenizer)
         self.proj = nn.Linear(token_dim * rows, frames_per_column * self.vocab_size)
 
     def loss(self, tokens: torch.Tensor, grid: tuple[int, int], batch: dict) -> torch.Tensor:
@@ -56,7 +82,7 @@ class CTCHead(nn.Module):
         columns = tokens.view(B, rows, cols, D).permute(0, 2, 1, 3).reshape(B, cols, rows * D)
         frames = self.proj(columns).view(B, cols * self.frames_per_column, self.vocab_size)
         log_probs = frames.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
-        targets = answer_targets(batch, self.eos_id, "loss.ctc_weight")
+        targets = reading_targets(batch, self.tokenizer, "loss.ctc_weight", self.as_bytes)
         target_lengths = torch.tensor([len(t) for t in targets])
         input_lengths = torch.full((B,), log_probs.shape[0], dtype=torch.long)
         return F.ctc_loss(
@@ -71,18 +97,19 @@ class ChunkHead(nn.Module):
     font and its width, token j holds the j-th chunk of k tokens of the text. The decoder then reads
     answer token i from vision token i // k, which (with `model.vision_position_stride` = k) sits at
     a fixed distance behind it. On the default recipe this took val CER at step 1000 from 0.72 to 0.52
-    (docs/architecture.md). Targets: see `answer_targets`.
+    (docs/architecture.md). Targets: see `answer_targets`, in `units` as for `CTCHead` (k bytes per
+    token by default).
     """
 
-    def __init__(self, token_dim: int, chunk_tokens: int, tokenizer) -> None:
+    def __init__(self, token_dim: int, chunk_tokens: int, tokenizer, units: str = "bytes") -> None:
         super().__init__()
-        self.chunk_tokens, self.pad_id, self.eos_id = chunk_tokens, tokenizer.pad_id, tokenizer.eos_id
-        self.vocab_size = tokenizer.vocab_size
+        self.chunk_tokens, self.tokenizer = chunk_tokens, tokenizer
+        self.as_bytes, self.vocab_size, self.pad_id = reading_units(units, tokenizer)
         self.proj = nn.Linear(token_dim, chunk_tokens * self.vocab_size)
 
     def loss(self, vision: torch.Tensor, batch: dict) -> torch.Tensor:
         """Cross-entropy of vision tokens (B, M, D) against the answers, chunk by chunk."""
-        answers = answer_targets(batch, self.eos_id, "loss.chunk_weight")
+        answers = reading_targets(batch, self.tokenizer, "loss.chunk_weight", self.as_bytes)
         B, M, _ = vision.shape
         slots = M * self.chunk_tokens
         targets = torch.full((B, slots), self.pad_id, dtype=torch.long, device=vision.device)

@@ -60,12 +60,18 @@ class VLMModule(L.LightningModule):
                 self.model.encoder.grid_size[0],
                 self.model.tokenizer,
                 self.cfg.loss.ctc_frames_per_column,
+                self.cfg.loss.get("aux_units", "llm"),  # checkpoints from before it: llm
             )
             if self.cfg.loss.ctc_weight > 0 and self._ctc_applies()
             else None
         )
         self.chunk_head = (
-            ChunkHead(self.model.llm.hidden_size, self.cfg.loss.chunk_tokens, self.model.tokenizer)
+            ChunkHead(
+                self.model.llm.hidden_size,
+                self.cfg.loss.chunk_tokens,
+                self.model.tokenizer,
+                self.cfg.loss.get("aux_units", "llm"),  # checkpoints from before it: llm
+            )
             if self.cfg.loss.chunk_weight > 0 and self._chunk_applies()
             else None
         )
