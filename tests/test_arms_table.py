@@ -138,3 +138,23 @@ def test_the_command_names_rows_and_writes_next_to_the_sweep(sweep, tmp_path, ca
     assert {"arms.md", "arms.json", "arms.png"} <= {p.name for p in sweep.iterdir()}
     with pytest.raises(FileNotFoundError, match="no such directory"):
         main([str(tmp_path / "missing")])
+
+
+def test_an_engine_row_takes_its_reading_time_from_the_timing_file(tmp_path):
+    """`vlm.eval.ocr_engines` writes timing.json beside its predictions; the engine's row shows it, and a
+    missing, damaged or absurd file leaves the column empty instead of failing the table."""
+    predictions = tmp_path / "ocr_rapidocr" / "runs" / "t" / "predictions" / "predictions.json"
+    predictions.parent.mkdir(parents=True)
+    write_eval(tmp_path / "eval_run", REFERENCES, None, str(predictions))
+    assert "generate_ms_per_item" not in write_table([str(tmp_path / "eval_run")], tmp_path / "a")[0]
+    timing = predictions.parent / "timing.json"
+    for content, expected in [
+        ('{"engine": "rapidocr", "ms_per_image": 41.5}', 41.5),
+        ('{"ms_per_image": "fast"}', None),
+        ('{"ms_per_image": NaN}', None),
+        ("[1, 2", None),
+        ("[]", None),
+    ]:
+        timing.write_text(content)
+        row = write_table([str(tmp_path / "eval_run")], tmp_path / "b")[0]
+        assert row["arm"] == "rapidocr" and row.get("generate_ms_per_item") == expected, content

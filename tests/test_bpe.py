@@ -151,5 +151,5 @@ def test_the_reading_losses_of_a_bpe_llm_predict_the_texts_bytes(bpe):
     assert torch.isfinite(loss) and loss.item() > 0
     byte = ByteTokenizer()
     assert reading_units("bytes", byte) == reading_units("llm", byte) == (False, 260, byte.pad_id)
-    with pytest.raises(ValueError, match="loss.aux_units='chars'"):
+    with pytest.raises(ValueError, match=r"loss\.aux_units='chars'"):
         reading_units("chars", bpe)

@@ -81,6 +81,9 @@ def test_engine_predictions_are_scored_by_the_printed_eval_command(engine, data_
     assert len(json.loads(written.read_text())) == 4
     printed = capsys.readouterr().out
     assert "ms per image" in printed
+    timing = json.loads((written.parent / "timing.json").read_text())
+    assert timing["engine"] == engine and timing["items"] == timing["read"] == 4
+    assert timing["ms_per_image"] > 0 and f"{timing['ms_per_image']:.1f} ms per image" in printed
     command = shlex.split(printed.split("score them: ")[1].strip())
     assert command[:2] == ["python", "eval.py"] and f"predictions={written}" in command
 

@@ -22,7 +22,8 @@ those the benchmark reports:
 - `train_gflops_per_sample`, `train_ms_per_sample`: one training sample's forward and backward, medians
   over the logged windows of `perf/tflops_per_s` / `perf/samples_per_s` and 1000 / `perf/samples_per_s`;
 - `generate_ms_per_item`: generation time per benchmark item, where metrics.json has it
-  (`generation_ms_per_item`).
+  (`generation_ms_per_item`); for an OCR engine's predictions, its reading time per image (the
+  `timing.json` that `vlm.eval.ocr_engines` writes beside them).
 
 Writes `arms.md`, `arms.json` (the rows) and `arms.png` (each score per arm with its interval) to `--out`
 (default: the first argument).
@@ -180,7 +181,26 @@ def run_row(name: str, run_dir: Path) -> dict:
     row |= training_cost(run_dir / "csv" / "metrics.csv")
     if metrics.get("generation_ms_per_item") is not None:
         row["generate_ms_per_item"] = metrics["generation_ms_per_item"]
+    elif (engine_ms := engine_ms_per_image(metrics.get("predictions"))) is not None:
+        row["generate_ms_per_item"] = engine_ms
     return row
+
+
+def engine_ms_per_image(predictions: str | None) -> float | None:
+    """An OCR engine's reading time per image, from the `timing.json` that `vlm.eval.ocr_engines` wrote
+    beside the predictions an eval.py run scored (None where there is none or it cannot be read)."""
+    if not predictions:
+        return None
+    from vlm.eval.ocr_engines import TIMING_FILE
+
+    file = Path(predictions).parent / TIMING_FILE
+    try:
+        if file.stat().st_size > 65536:
+            return None
+        value = json.loads(file.read_text()).get("ms_per_image")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def job_names(job_dirs: list[Path]) -> list[str]:

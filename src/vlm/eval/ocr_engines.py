@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import io
+import json
 import logging
 import shlex
 import shutil
@@ -31,6 +32,9 @@ from tqdm import tqdm
 from vlm.eval.benchmarks.base import Item
 
 log = logging.getLogger(__name__)
+
+
+TIMING_FILE = "timing.json"  # beside the predictions: the engine, its settings and ms per image
 
 
 class EngineUnavailable(RuntimeError):
@@ -185,6 +189,15 @@ def main(argv: list[str] | None = None) -> Path:
     out = args.out or Path(cfg.paths.output_dir) / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     written = benchmark.write_predictions(items, predictions, out)
+    timing = {
+        "engine": args.engine,
+        "version": engine.version,
+        "settings": engine.settings,
+        "items": len(items),
+        "read": len(predictions),
+        "ms_per_image": 1000 * seconds_per_image,
+    }
+    (out / TIMING_FILE).write_text(json.dumps(timing, indent=2))
     kept = [arg for arg in args.overrides if not arg.startswith(("hydra.", "task_name="))]
     score = shlex.join(["python", "eval.py", *kept, f"predictions={written}"])
     print(

@@ -49,7 +49,9 @@ def reading_targets(batch: dict, tokenizer, loss_name: str, as_bytes: bool) -> l
     if not as_bytes:
         return targets
     return [
-        torch.tensor(list(tokenizer.decode(ids.tolist()).encode("utf-8")), dtype=torch.long, device=ids.device)
+        torch.tensor(
+            list(tokenizer.decode(ids.tolist()).encode("utf-8")), dtype=torch.long, device=ids.device
+        )
         for ids in targets
     ]
 
