@@ -16,6 +16,8 @@ from vlm.models.resamplers import Resampler
 
 log = logging.getLogger(__name__)
 
+POSITION_UNITS = ("token", "byte")  # what advances the LLM's position by one for text: a token or a byte
+
 
 class PlaceholderCountError(ValueError):
     """The token sequence has a different number of `<image>` placeholders than vision embeddings."""
@@ -57,6 +59,7 @@ class VisionLanguageModel(nn.Module):
         projector: Callable[..., nn.Module],
         llm: nn.Module,
         vision_position_stride: int = 1,
+        text_position_unit: str | None = None,
         context: str = "vision",
         context_compressor: Callable[..., nn.Module] | None = None,
     ) -> None:
@@ -99,6 +102,13 @@ class VisionLanguageModel(nn.Module):
         if vision_position_stride < 1:
             raise ValueError(f"model.vision_position_stride must be >= 1, got {vision_position_stride}")
         self.vision_position_stride = vision_position_stride
+        text_position_unit = text_position_unit or getattr(llm, "position_unit", "token")
+        if text_position_unit not in POSITION_UNITS:
+            raise ValueError(
+                f"model.text_position_unit={text_position_unit!r}: expected one of {', '.join(POSITION_UNITS)}"
+            )
+        self.text_position_unit = text_position_unit
+        self.register_buffer("text_position_steps", self._text_steps(), persistent=False)
         self.load_companion_weights(encoder.companion_weights())
 
     @property
@@ -276,12 +286,34 @@ class VisionLanguageModel(nn.Module):
         positions = self.position_ids(input_ids, attention_mask)
         return self.llm(embeds, attention_mask=attention_mask, position_ids=positions)
 
-    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """LLM positions (B, T) when vision tokens advance them by `vision_position_stride`, else None
-        (the LLM counts real tokens itself). Padding takes no positions, so left padding shifts none."""
-        if self.vision_position_stride == 1:
+    def _text_steps(self) -> torch.Tensor | None:
+        """How far each token id advances the position under `text_position_unit=byte` (its UTF-8 bytes);
+        None for `token` (one each)."""
+        if self.text_position_unit == "token":
             return None
-        steps = torch.where(input_ids == self.tokenizer.image_token_id, self.vision_position_stride, 1)
+        lengths = getattr(self.tokenizer, "byte_lengths", None)
+        if lengths is None:
+            raise ValueError(
+                f"model.text_position_unit=byte needs a tokenizer that knows each token's bytes (llm=tiny's); "
+                f"{type(self.tokenizer).__name__} does not"
+            )
+        return torch.tensor(lengths(), dtype=torch.long)
+
+    def position_steps(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """How far each token (B, T) advances the LLM's position: `vision_position_stride` for a vision
+        token, 1 or (`text_position_unit=byte`) its UTF-8 bytes for text; None when all are 1."""
+        steps = self.text_position_steps
+        if self.vision_position_stride == 1 and steps is None:
+            return None
+        text = steps[input_ids.clamp(0, len(steps) - 1)] if steps is not None else torch.ones_like(input_ids)
+        return torch.where(input_ids == self.tokenizer.image_token_id, self.vision_position_stride, text)
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """LLM positions (B, T) from `position_steps`, else None (the LLM counts real tokens itself).
+        Padding takes no positions, so left padding shifts none."""
+        steps = self.position_steps(input_ids)
+        if steps is None:
+            return None
         if attention_mask is not None:
             steps = steps * attention_mask.long()
         return steps.cumsum(-1) - steps  # each token sits where the tokens before it end

@@ -303,12 +303,15 @@ def build_gpt(
     n_head: int = 4,
     n_kv_head: int | None = None,
     n_embd: int = 256,
+    position_unit: str = "token",
     lora: dict | None = None,
 ) -> GPT:
     """A freshly initialised GPT (Hydra entry point of `llm=tiny`) with the tokenizer `tokenizer` names:
     `bytes`, or `bpe` trained on the built-in corpus with `tokenizer_vocab_size` ids and cached in
     `tokenizer_dir` (vlm.models.llms.tokenizer.make_tokenizer). `vocab_size`: the embedding's rows, None
-    for the tokenizer's. `lora` (r > 0): LoRA adapters on the linear layers, the rest frozen."""
+    for the tokenizer's. `position_unit`: what advances its position by one for text, a `token` or (a
+    model trained from scratch may choose) a `byte` of it (VisionLanguageModel's `text_position_unit`).
+    `lora` (r > 0): LoRA adapters on the linear layers, the rest frozen."""
     tok = _checkpoint_tokenizer.get() or make_tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_dir)
     config = GPTConfig(
         sequence_len=sequence_len,
@@ -318,4 +321,6 @@ def build_gpt(
         n_kv_head=n_kv_head or n_head,
         n_embd=n_embd,
     )
-    return apply_lora(GPT(config, tok), lora)
+    gpt = GPT(config, tok)
+    gpt.position_unit = position_unit
+    return apply_lora(gpt, lora)

@@ -51,6 +51,10 @@ class ByteTokenizer:
         """Tokens that end a generated answer."""
         return [self.eos_id]
 
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for: 1 (a special token: 1 too)."""
+        return [1] * self.vocab_size
+
     def format_prompt(self, user_text: str) -> str:
         """The text the model sees before its answer (chat templates hook in here)."""
         return user_text
@@ -106,6 +110,12 @@ class BPETokenizer:
     @property
     def stop_ids(self) -> list[int]:
         return [self.eos_id]
+
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for (a special token: 1): the byte-level alphabet has one character
+        per byte."""
+        special = {self.hf.token_to_id(tok) for tok in self.special_tokens}
+        return [1 if i in special else len(self.hf.id_to_token(i)) for i in range(self.vocab_size)]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
