@@ -7,16 +7,27 @@ from vlm.data.processing import padded
 from vlm.generation import GenerationConfig, ban_repeated_ngrams, generate
 from vlm.models import projectors
 from vlm.models.encoders.tiny import TinyEncoder
-from vlm.models.llms.gpt import build_gpt
+from vlm.models.llms.gpt import build_gpt, tokenizer_from_checkpoint
 from vlm.models.llms.hf import build_hf_llm
+from vlm.models.llms.tokenizer import train_bpe
 from vlm.models.resamplers import PixelShuffle
 from vlm.models.vlm import VisionLanguageModel
 
 
+@functools.cache
+def small_bpe():
+    """A byte-level BPE of 300 ids (merges of 1-9 bytes), trained in milliseconds."""
+    return train_bpe(["the quick brown fox jumps over the lazy dog " * 4, "reading through vision tokens " * 4], 300)
+
+
 def tiny_llm(backend: str):
-    """Our nanochat-architecture GPT, or a transformers Llama behind `HFCausalLM`."""
+    """Our nanochat-architecture GPT (`gpt_bpe`: with a BPE tokenizer and text positions counted in bytes),
+    or a transformers Llama behind `HFCausalLM`."""
     if backend == "gpt":
         return build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    if backend == "gpt_bpe":
+        with tokenizer_from_checkpoint(small_bpe()):
+            return build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, position_unit="byte")
     config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
     return build_hf_llm(
         config={**config, "num_attention_heads": 4, "num_key_value_heads": 2}, tokenizer="bytes"
@@ -50,7 +61,7 @@ def prompts(model, lengths):
 
 
 STRIDES = pytest.mark.parametrize("stride", [1, 4])
-BACKENDS = pytest.mark.parametrize("backend", ["gpt", "hf"])
+BACKENDS = pytest.mark.parametrize("backend", ["gpt", "hf", "gpt_bpe"])
 
 
 @BACKENDS
@@ -64,6 +75,28 @@ def test_cached_and_uncached_decoding_agree(stride, backend):
     assert cached == uncached
     assert all(len(row) == 24 for row in cached)
     assert len({tuple(r) for r in cached}) > 1  # the prompts differ, so should the outputs
+
+
+def test_byte_positions_advance_by_each_tokens_bytes():
+    """text_position_unit=byte (llm=tiny's): a text token moves the position on by its UTF-8 length, a
+    vision token by the stride; generation then agrees with training (the tests around this one)."""
+    model = random_vlm(4, "gpt_bpe")
+    tok, image = model.tokenizer, model.tokenizer.image_token_id
+    text = tok.encode("the quick brown fox")
+    lengths = [len(tok.decode([i]).encode()) for i in text]
+    assert max(lengths) > 1 and model.text_position_unit == "byte"
+    ids = torch.tensor([[tok.bos_id, image, image, *text]])
+    steps = [1, 4, 4, *lengths]  # each token sits where its own bytes end
+    assert model.position_ids(ids)[0].tolist() == [sum(steps[: i + 1]) for i in range(len(steps))]
+    assert random_vlm(4, "gpt").text_position_unit == "token"  # the byte tokenizer: the same positions
+    with pytest.raises(ValueError, match=r"model.text_position_unit='chars': expected one of token, byte"):
+        VisionLanguageModel(
+            TinyEncoder((32, 64), dim=32, depth=1, heads=2),
+            functools.partial(PixelShuffle, factor=2),
+            functools.partial(projectors.linear),
+            tiny_llm("gpt"),
+            text_position_unit="chars",
+        )
 
 
 def test_cached_logits_equal_full_forward():

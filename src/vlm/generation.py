@@ -126,7 +126,7 @@ def generate(
         if finished.all() or steps == max_new_tokens:
             break
         token_embeds = llm.embed(token[:, None])
-        new_position = None if positions is None else positions[:, -1:] + model.position_steps(previous)
+        new_position = model.next_position(positions, previous, token[:, None])
         previous = token[:, None]
         seen = mask[:, : prompt_len + steps]
         if use_cache:

@@ -310,10 +310,24 @@ class VisionLanguageModel(nn.Module):
 
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """LLM positions (B, T) from `position_steps`, else None (the LLM counts real tokens itself).
-        Padding takes no positions, so left padding shifts none."""
+        Padding takes no positions, so left padding shifts none.
+
+        In tokens, each token sits where the tokens before it end. In bytes, where its own bytes end: the
+        token that predicts the next one then sits a fixed distance behind the vision token holding the
+        next one's first bytes, whatever its own length (with the byte tokenizer the two orders differ
+        by one position for every token, so attention, which sees only distances, is the same)."""
         steps = self.position_steps(input_ids)
         if steps is None:
             return None
         if attention_mask is not None:
             steps = steps * attention_mask.long()
-        return steps.cumsum(-1) - steps  # each token sits where the tokens before it end
+        ends = steps.cumsum(-1)
+        return ends if self.text_position_steps is not None else ends - steps
+
+    def next_position(self, positions: torch.Tensor, previous: torch.Tensor, token: torch.Tensor):
+        """The position (B, 1) of `token` (B, 1), fed after `previous` (B, 1) at `positions[:, -1:]`, as
+        `position_ids` would place it; None when the LLM counts positions itself."""
+        if positions is None:
+            return None
+        step = self.position_steps(token if self.text_position_steps is not None else previous)
+        return positions[:, -1:] + step
