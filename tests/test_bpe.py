@@ -153,3 +153,41 @@ def test_the_reading_losses_of_a_bpe_llm_predict_the_texts_bytes(bpe):
     assert reading_units("bytes", byte) == reading_units("llm", byte) == (False, 260, byte.pad_id)
     with pytest.raises(ValueError, match=r"loss\.aux_units='chars'"):
         reading_units("chars", bpe)
+
+
+def test_token_bytes_spell_every_text(bpe):
+    """Each id's bytes (from its byte-level string) concatenate to the text's UTF-8, whatever the text."""
+    spelled = bpe.token_bytes()
+    assert len(spelled) == bpe.vocab_size and spelled[bpe.image_token_id] == b""
+    for text in [paragraphs_for("test")[0], "naïve café 日本語 😀\t\r\n\x00\x7f  x"]:
+        assert b"".join(spelled[i] for i in bpe.encode(text)) == text.encode("utf-8")
+    assert bpe.byte_lengths() == [max(1, len(b)) for b in spelled]
+    assert ByteTokenizer().token_bytes()[:256] == [bytes([i]) for i in range(256)]
+
+
+def test_the_spelled_head_scores_each_token_by_its_bytes(bpe):
+    """SpelledHead: row v = free row + sum over v's first 8 bytes of byte embedding x position scale; two
+    tokens share nothing but the bytes they share; a spelled head never grows."""
+    from vlm.models.llms.gpt import SPELLED_BYTES, GPT, GPTConfig
+
+    gpt = GPT(
+        GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, spelled_head=True), bpe
+    )
+    head = gpt.lm_head
+    torch.nn.init.normal_(head.weight)
+    torch.nn.init.normal_(head.byte_scale)
+    table = head.table()
+    spelled = bpe.token_bytes()
+    v = max(range(VOCAB), key=lambda i: len(spelled[i]))  # the longest token
+    padded = [*spelled[v][:SPELLED_BYTES], *[256] * (SPELLED_BYTES - len(spelled[v]))]
+    expected = head.weight[v] + sum(
+        head.byte_embed.weight[b] * head.byte_scale[k] for k, b in enumerate(padded)
+    )
+    assert torch.allclose(table[v], expected, atol=1e-5)
+    x = torch.randn(3, 16)
+    assert torch.allclose(head(x), x @ table.T, atol=1e-5)
+    with pytest.raises(ValueError, match="spelled output head cannot grow"):
+        gpt.grow_vocab(VOCAB + 1)
+    loaded = GPT(gpt.config, bpe)
+    loaded.load_state_dict(gpt.state_dict())  # strict: the spelling is rebuilt from the tokenizer, not saved
+    assert torch.equal(loaded.lm_head.table(), table)

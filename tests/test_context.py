@@ -12,7 +12,10 @@ from tests.steps import raw_sample, train_step
 from vlm.data.processing import BadSample, Collator, SampleProcessor
 from vlm.training.module import VLMModule
 
-TEXTS = ["short line", "a rendered line of text that is longer than K"]
+TEXTS = [
+    "short line",
+    "a rendered line of text that is longer than K positions in either tokenizer, bytes or BPE",
+]
 CONTROLS = ("text_meanpool", "text_conv", "truncate", "full_text")
 
 

@@ -17,17 +17,21 @@ from vlm.models.vlm import VisionLanguageModel
 @functools.cache
 def small_bpe():
     """A byte-level BPE of 300 ids (merges of 1-9 bytes), trained in milliseconds."""
-    return train_bpe(["the quick brown fox jumps over the lazy dog " * 4, "reading through vision tokens " * 4], 300)
+    return train_bpe(
+        ["the quick brown fox jumps over the lazy dog " * 4, "reading through vision tokens " * 4], 300
+    )
 
 
 def tiny_llm(backend: str):
-    """Our nanochat-architecture GPT (`gpt_bpe`: with a BPE tokenizer and text positions counted in bytes),
-    or a transformers Llama behind `HFCausalLM`."""
+    """Our nanochat-architecture GPT (`gpt_bpe`: with a BPE tokenizer, text positions counted in bytes and
+    a spelled output head, as llm=tiny), or a transformers Llama behind `HFCausalLM`."""
     if backend == "gpt":
         return build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     if backend == "gpt_bpe":
         with tokenizer_from_checkpoint(small_bpe()):
-            return build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, position_unit="byte")
+            return build_gpt(
+                n_layer=2, n_head=4, n_kv_head=2, n_embd=64, position_unit="byte", spelled_head=True
+            )
     config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
     return build_hf_llm(
         config={**config, "num_attention_heads": 4, "num_key_value_heads": 2}, tokenizer="bytes"

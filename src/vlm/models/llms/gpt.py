@@ -32,6 +32,41 @@ class GPTConfig:
     n_embd: int = 256
     logit_softcap: float = 15.0
     rotary_base: float = 10000.0
+    spelled_head: bool = False  # SpelledHead instead of a plain output matrix (a model trained from scratch)
+
+
+class SpelledHead(nn.Module):
+    """The output head of a from-scratch LLM whose tokens are strings of bytes: token v's row is a free
+    vector plus its spelling, the sum over its first `SPELLED_BYTES` bytes of a byte embedding scaled per
+    byte position, so a hidden state that says "the next bytes are ..." scores every token spelled so,
+    rare ones included, before the free rows have learned them (a reader of images must output tokens
+    it has seen rarely; docs/architecture.md, "Training losses")."""
+
+    def __init__(self, n_embd: int, token_bytes: list[bytes], vocab_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(vocab_size, n_embd))
+        self.byte_embed = nn.Embedding(257, n_embd)  # 256: no byte (past the token's end, a special token)
+        self.byte_scale = nn.Parameter(torch.ones(SPELLED_BYTES, n_embd))
+        spelling = torch.full((vocab_size, SPELLED_BYTES), 256, dtype=torch.long)
+        for i, token in enumerate(token_bytes[:vocab_size]):
+            spelling[i, : min(len(token), SPELLED_BYTES)] = torch.tensor(list(token[:SPELLED_BYTES]))
+        self.register_buffer("spelling", spelling, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.normal_(self.byte_embed.weight, std=0.02)
+        nn.init.ones_(self.byte_scale)
+
+    def table(self) -> torch.Tensor:
+        """(V, C): each token's row."""
+        return self.weight + (self.byte_embed(self.spelling) * self.byte_scale).sum(1).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.table())
+
+
+SPELLED_BYTES = 8  # bytes of a token its spelling counts (longer tokens: their first 8)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +185,11 @@ class GPT(nn.Module):
                 "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             }
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = (
+            SpelledHead(config.n_embd, self.tokenizer.token_bytes(), config.vocab_size)
+            if config.spelled_head
+            else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        )
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.reset_rotary()
@@ -184,6 +223,8 @@ class GPT(nn.Module):
         initialises its head), so a new token starts with logit 0 and changes no other logit.
         """
         old = self.config.vocab_size
+        if self.config.spelled_head and vocab_size != old:
+            raise ValueError("a spelled output head cannot grow its vocabulary")
         if vocab_size < old:
             raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
         if vocab_size == old:
@@ -216,6 +257,8 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.weight)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        if isinstance(self.lm_head, SpelledHead):
+            self.lm_head.reset_parameters()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> embeddings (B, T, C)."""
@@ -304,6 +347,7 @@ def build_gpt(
     n_kv_head: int | None = None,
     n_embd: int = 256,
     position_unit: str = "token",
+    spelled_head: bool = False,
     lora: dict | None = None,
 ) -> GPT:
     """A freshly initialised GPT (Hydra entry point of `llm=tiny`) with the tokenizer `tokenizer` names:
@@ -311,6 +355,7 @@ def build_gpt(
     `tokenizer_dir` (vlm.models.llms.tokenizer.make_tokenizer). `vocab_size`: the embedding's rows, None
     for the tokenizer's. `position_unit`: what advances its position by one for text, a `token` or (a
     model trained from scratch may choose) a `byte` of it (VisionLanguageModel's `text_position_unit`).
+    `spelled_head`: `SpelledHead` as the output head.
     `lora` (r > 0): LoRA adapters on the linear layers, the rest frozen."""
     tok = _checkpoint_tokenizer.get() or make_tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_dir)
     config = GPTConfig(
@@ -320,6 +365,7 @@ def build_gpt(
         n_head=n_head,
         n_kv_head=n_kv_head or n_head,
         n_embd=n_embd,
+        spelled_head=spelled_head,
     )
     gpt = GPT(config, tok)
     gpt.position_unit = position_unit

@@ -51,6 +51,10 @@ class ByteTokenizer:
         """Tokens that end a generated answer."""
         return [self.eos_id]
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for (a special token: none)."""
+        return [bytes([i]) for i in range(256)] + [b""] * len(self.special_tokens)
+
     def byte_lengths(self) -> list[int]:
         """UTF-8 bytes each id stands for: 1 (a special token: 1 too)."""
         return [1] * self.vocab_size
@@ -111,11 +115,19 @@ class BPETokenizer:
     def stop_ids(self) -> list[int]:
         return [self.eos_id]
 
-    def byte_lengths(self) -> list[int]:
-        """UTF-8 bytes each id stands for (a special token: 1): the byte-level alphabet has one character
-        per byte."""
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for (a special token: none), from its byte-level string (one
+        character per byte, GPT-2's `bytes_to_unicode` alphabet)."""
         special = {self.hf.token_to_id(tok) for tok in self.special_tokens}
-        return [1 if i in special else len(self.hf.id_to_token(i)) for i in range(self.vocab_size)]
+        to_byte = {char: byte for byte, char in byte_level_alphabet().items()}
+        return [
+            b"" if i in special else bytes(to_byte[c] for c in self.hf.id_to_token(i))
+            for i in range(self.vocab_size)
+        ]
+
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for (a special token: 1)."""
+        return [max(1, len(b)) for b in self.token_bytes()]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -126,6 +138,14 @@ class BPETokenizer:
 
     def format_prompt(self, user_text: str) -> str:
         return user_text
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's `bytes_to_unicode`, the alphabet of byte-level BPE: each byte as one printable character
+    (printable Latin-1 bytes as themselves, the others as U+0100 onwards, in byte order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
