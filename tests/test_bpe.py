@@ -168,7 +168,7 @@ def test_token_bytes_spell_every_text(bpe):
 def test_the_spelled_head_scores_each_token_by_its_bytes(bpe):
     """SpelledHead: row v = free row + sum over v's first 8 bytes of byte embedding x position scale; two
     tokens share nothing but the bytes they share; a spelled head never grows."""
-    from vlm.models.llms.gpt import SPELLED_BYTES, GPT, GPTConfig
+    from vlm.models.llms.gpt import GPT, SPELLED_BYTES, GPTConfig
 
     gpt = GPT(
         GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, spelled_head=True), bpe
