@@ -68,6 +68,34 @@ def test_synthetic_compression_writes_the_curve_in_both_modes(tiny_checkpoint, d
     assert (out2 / "plots" / "precision_vs_length.png").is_file()
 
 
+def test_synthetic_compression_lengths_follow_the_target_characters_per_vision_token(data_dir, tmp_path):
+    """benchmark.chars_per_vision_token (the default): each length is target x vision tokens per image; a
+    length no font size fits is reported; the plot carries DeepSeek-OCR's Fox points for reference."""
+    from vlm.eval.benchmarks.synthetic import DEEPSEEK_OCR_FOX, SyntheticCompression
+
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("")
+    targets = [
+        "benchmark=synthetic_compression",
+        "benchmark.chars_per_vision_token=[1,2.5,25,1000]",
+        "benchmark.samples_per_length=2",
+        "benchmark.image_size=[32,512]",
+        f"predictions={predictions}",
+    ]
+    with pytest.raises(ValueError, match=r"chars_per_vision_token needs the vision tokens per image"):
+        run_eval(tmp_path / "a", data_dir, *targets)
+    _, out = run_eval(tmp_path / "b", data_dir, *targets, "benchmark.vision_tokens=16")
+    curve = json.loads((out / "tables.json").read_text())["curve"]
+    assert [(p["length"], p["target_chars_per_vision_token"]) for p in curve] == [(16, 1), (40, 2.5)]
+    assert all(p["chars_per_vision_token"] == pytest.approx(p["chars"] / 16) for p in curve)
+    report = (out / "report.md").read_text()
+    assert "lengths [400] fit the image at no font size" in report  # 32x512 at 8 px: three lines of ~100
+    assert "lengths [16000]: the corpus's test split has too few snippets that long" in report
+    assert (out / "plots" / "precision_vs_compression_gpt2.png").stat().st_size > 1000
+    assert SyntheticCompression(lengths=[16, 48]).target_lengths(None) == {16: None, 48: None}
+    assert all(0 < precision <= 1 for points in DEEPSEEK_OCR_FOX.values() for _, precision in points)
+
+
 # ------------------------------------------------------------------------------------------ DocVQA
 @pytest.fixture
 def docvqa_shards(tmp_path) -> Path:

@@ -97,6 +97,10 @@ def paragraphs_for(split: str) -> list[str]:
     return [p for p in paragraphs() if split_of(p) == split]
 
 
+class NotEnoughText(RuntimeError):
+    """The split's paragraphs hold too few snippets of the asked length."""
+
+
 def snippets(split: str, count: int, min_chars: int, max_chars: int, seed: int) -> list[str]:
     """`count` word-aligned snippets of min_chars..max_chars characters from one split, deterministic."""
     if not 0 < min_chars <= max_chars:
@@ -108,7 +112,7 @@ def snippets(split: str, count: int, min_chars: int, max_chars: int, seed: int) 
     while len(result) < count:
         attempts += 1
         if attempts > 100 * count + 1000:
-            raise RuntimeError(
+            raise NotEnoughText(
                 f"could not cut {count} snippets of {min_chars}-{max_chars} chars from the {split} split"
             )
         words = rng.choice(source)

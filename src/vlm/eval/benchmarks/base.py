@@ -408,8 +408,15 @@ def bar_plot(values: dict[str, float], ylabel: str):
     return make
 
 
-def curve_plot(rows: list[dict], x: str, ys: tuple[str, ...], xlabel: str):
-    """A plot maker: scores (0..1) in `ys` against `x`, one line each (e.g. precision vs compression)."""
+def curve_plot(
+    rows: list[dict],
+    x: str,
+    ys: tuple[str, ...],
+    xlabel: str,
+    references: dict[str, list[tuple[float, float]]] | None = None,
+):
+    """A plot maker: scores (0..1) in `ys` against `x`, one line each (e.g. precision vs compression),
+    and each of `references` (label -> (x, score) points, e.g. a published model's) as grey markers."""
 
     def make(path: Path) -> None:
         import matplotlib.pyplot as plt
@@ -417,6 +424,9 @@ def curve_plot(rows: list[dict], x: str, ys: tuple[str, ...], xlabel: str):
         fig, ax = plt.subplots(figsize=(6, 4))
         for y, marker in zip(ys, "o^sDv", strict=False):
             ax.plot([row[x] for row in rows], [row[y] for row in rows], marker=marker, label=y)
+        for (label, points), marker in zip((references or {}).items(), "xP*+", strict=False):
+            xs, scores = zip(*points, strict=True)
+            ax.scatter(xs, scores, marker=marker, color="grey", label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("score")
         ax.set_ylim(0, 1.02)

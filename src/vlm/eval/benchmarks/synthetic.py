@@ -76,20 +76,50 @@ class SyntheticBenchmark(Benchmark):
         return Result(metrics, samples, notes=notes)
 
 
+# DeepSeek-OCR on Fox's English pages (arXiv 2510.18234, Table 2): (compression, precision) per text-length
+# bucket; compression = text tokens of its own ~129k-id BPE / vision tokens (../shared/reference/compression.md)
+DEEPSEEK_OCR_FOX = {
+    64: [
+        (10.5, 0.965),
+        (11.8, 0.938),
+        (13.2, 0.838),
+        (15.1, 0.859),
+        (16.5, 0.793),
+        (17.7, 0.764),
+        (19.7, 0.591),
+    ],
+    100: [
+        (6.7, 0.985),
+        (7.5, 0.973),
+        (8.5, 0.968),
+        (9.7, 0.968),
+        (10.6, 0.915),
+        (11.3, 0.898),
+        (12.6, 0.871),
+    ],
+}
+FOX_REFERENCE = {
+    f"DeepSeek-OCR, Fox, {tokens} vision tokens (its own BPE)": points
+    for tokens, points in DEEPSEEK_OCR_FOX.items()
+}
+
+
 @dataclass
 class SyntheticCompression(Benchmark):
     """Precision versus compression on rendered text with exact ground truth.
 
-    For each text length in `lengths` (characters), `samples_per_length` snippets of the corpus's test
-    split are rendered into an image of `image_size` (default: the checkpoint's encoder input), in the
-    largest of `font_sizes` at which the snippet fits. Per length: the ground truth's characters per
-    vision token and `compression_<tokenizer>` (its tokens / vision tokens per image) for the model's
-    tokenizer and each of `tokenizers`, with one plot per tokenizer. Lengths that fit at no font size are
-    reported.
+    For each text length (characters: `lengths`, else each of `chars_per_vision_token` times the vision
+    tokens per image), `samples_per_length` snippets of the corpus's test split are rendered into an image
+    of `image_size` (default: the checkpoint's encoder input), in the largest of `font_sizes` at which the
+    snippet fits. Per length: the ground truth's characters per vision token and `compression_<tokenizer>`
+    (its tokens / vision tokens per image) for the model's tokenizer and each of `tokenizers`, with one
+    plot per tokenizer, DeepSeek-OCR's Fox points drawn on each for reference (their x is its own
+    tokenizer's ratio). Lengths that fit at no font size are reported.
     """
 
     name: str = "synthetic_compression"
-    lengths: list[int] = field(default_factory=lambda: [16, 32, 48, 64, 96, 128])
+    lengths: list[int] | None = None
+    chars_per_vision_token: list[float] | None = field(default_factory=lambda: [2, 4, 8, 16, 32])
     samples_per_length: int = 32
     image_size: list[int] | None = None  # (height, width); None = the encoder's input size
     font: str = "DejaVuSans"
@@ -107,14 +137,38 @@ class SyntheticCompression(Benchmark):
             )
         return tuple(size)
 
+    def target_lengths(self, context: Context | None) -> dict[int, float | None]:
+        """Length in characters -> the characters per vision token it was chosen for (None: `lengths`)."""
+        if self.lengths:
+            return dict.fromkeys(self.lengths)
+        if not self.chars_per_vision_token:
+            raise ValueError(
+                "benchmark=synthetic_compression needs benchmark.lengths or chars_per_vision_token"
+            )
+        vision = self.vision_tokens_per_image(context)
+        if not vision:
+            raise ValueError(
+                "benchmark.chars_per_vision_token needs the vision tokens per image: a checkpoint, or "
+                "benchmark.vision_tokens=N (or give benchmark.lengths)"
+            )
+        return {max(1, round(target * vision)): target for target in self.chars_per_vision_token}
+
     def items(self, context: Context | None = None) -> list[Item]:
         height, width = self._size(context)
         font = self.font if find_font(self.font) else None
         rng = random.Random(self.seed)
         self.unfit: list[int] = []
         items = []
-        for length in self.lengths:
-            texts = corpus.snippets("test", self.samples_per_length, max(1, length - 8), length, self.seed)
+        targets = self.target_lengths(context)
+        self.too_long: list[int] = []
+        for length, target in targets.items():
+            try:
+                texts = corpus.snippets(
+                    "test", self.samples_per_length, max(1, length - 8), length, self.seed
+                )
+            except corpus.NotEnoughText:
+                self.too_long.append(length)
+                continue
             rendered = 0
             for i, text in enumerate(texts):
                 for size in sorted(self.font_sizes, reverse=True):
@@ -124,6 +178,8 @@ class SyntheticCompression(Benchmark):
                     except TextDoesNotFit:
                         continue
                     meta = {"task": "ocr", "length": length, "font_size": size, "chars": len(text)}
+                    if target is not None:
+                        meta["target_chars_per_vision_token"] = target
                     items.append(Item(f"len{length:04d}-{i:04d}", image, self.prompt, [text], meta))
                     rendered += 1
                     break
@@ -158,6 +214,8 @@ class SyntheticCompression(Benchmark):
         predictions, notes = empty_for_missing(items, predictions, "samples")
         if getattr(self, "unfit", None):
             notes.append(f"lengths {self.unfit} fit the image at no font size in {self.font_sizes}")
+        if getattr(self, "too_long", None):
+            notes.append(f"lengths {self.too_long}: the corpus's test split has too few snippets that long")
         accounting = self.accounting(context)
         vision = self.vision_tokens_per_image(context)
         samples = []
@@ -177,6 +235,7 @@ class SyntheticCompression(Benchmark):
             rows = [r for r in samples if r["length"] == length]
             point = {
                 "length": length,
+                **{k: rows[0][k] for k in ("target_chars_per_vision_token",) if k in rows[0]},
                 "samples": len(rows),
                 "font_size": mean(r["font_size"] for r in rows),
                 "precision": mean(r["precision"] for r in rows),
@@ -198,7 +257,7 @@ class SyntheticCompression(Benchmark):
         if vision:
             plots = {
                 f"precision_vs_compression_{name}": curve_plot(
-                    curve, f"compression_{name}", scores, compression_label(name)
+                    curve, f"compression_{name}", scores, compression_label(name), FOX_REFERENCE
                 )
                 for name in accounting.names
             }
