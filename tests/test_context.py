@@ -29,9 +29,9 @@ def processor_for(model, context: str, max_length: int = 256) -> SampleProcessor
     )
 
 
-def build(make_cfg, context: str) -> tuple[VLMModule, SampleProcessor, dict]:
+def build(make_cfg, context: str, *overrides: str) -> tuple[VLMModule, SampleProcessor, dict]:
     """The tiny module of a context arm, its processor and a collated batch of `TEXTS`."""
-    module = VLMModule(make_cfg(f"context={context}"))
+    module = VLMModule(make_cfg(f"context={context}", *overrides))
     processor = processor_for(module.model, context)
     samples = [processor(raw_sample(f"s{i}", text)) for i, text in enumerate(TEXTS)]
     return module, processor, Collator(module.model.tokenizer.pad_id)(samples)
@@ -43,7 +43,11 @@ def holds(ids: list[int], run: list[int]) -> bool:
 
 @pytest.mark.parametrize("context", CONTROLS)
 def test_each_control_fills_its_positions_trains_and_generates(make_cfg, context):
-    module, _, batch = build(make_cfg, context)
+    # one step reaches the compressor through the chunk loss only (nanochat zero-inits the LLM's output
+    # projections, so the first LM gradient stops before the placeholders): text_conv keeps it here
+    module, _, batch = build(
+        make_cfg, context, *(["context.chunk_loss=true"] if context == "text_conv" else [])
+    )
     model, tokenizer = module.model, module.model.tokenizer
     K = model.vision_tokens_per_image
     placeholders = (batch["input_ids"] == tokenizer.image_token_id).sum(-1)
@@ -88,6 +92,12 @@ def test_text_arms_skip_the_ctc_loss_and_in_prompt_arms_the_chunk_loss(make_cfg,
     assert truncate.ctc_head is None and truncate.chunk_head is None
     assert set(truncate.loss(batch)[1]) == {"lm"}
     assert "loss.chunk_weight=1.0 is not applied: context=truncate" in caplog.text
+    conv, _, batch = build(make_cfg, "text_conv")  # its own layout: no chunk loss (context.chunk_loss)
+    assert conv.ctc_head is None and conv.chunk_head is None
+    assert set(conv.loss(batch)[1]) == {"lm"}
+    assert "is not applied: context=text_conv lays its vectors out its own way" in caplog.text
+    forced, _, _ = build(make_cfg, "text_conv", "context.chunk_loss=true")
+    assert forced.chunk_head is not None
 
 
 def test_a_sample_without_context_text_is_an_error_naming_it(make_cfg):

@@ -111,7 +111,16 @@ class VLMModule(L.LightningModule):
         return not why
 
     def _chunk_applies(self) -> bool:
-        """The chunk loss reads the vectors in the placeholder positions, which text in the prompt lacks."""
+        """The chunk loss reads the vectors in the placeholder positions, which text in the prompt lacks; a
+        context arm whose vectors have a layout of their own opts out (`context.chunk_loss: false`)."""
+        if not (self.cfg.get("context") or {}).get("chunk_loss", True):
+            log.warning(
+                "loss.chunk_weight=%s is not applied: context=%s lays its vectors out its own way "
+                "(context.chunk_loss: false)",
+                self.cfg.loss.chunk_weight,
+                self.model.context,
+            )
+            return False
         if self.model.context in IN_PROMPT:
             log.warning(
                 "loss.chunk_weight=%s is not applied: context=%s puts token ids, not vectors, in the positions",
