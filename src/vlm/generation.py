@@ -107,7 +107,6 @@ def generate(
     mask[:, :prompt_len] = attention_mask
     cache = llm.new_kv_cache(batch_size, prompt_len + max_new_tokens) if use_cache else None
     positions = model.position_ids(input_ids, attention_mask.long())  # None: the LLM counts positions
-    previous = input_ids[:, -1:]  # the token before the next one: its step moves the position on
     logits = llm(embeds, mask[:, :prompt_len], cache, positions, logits_to_keep=1)[:, -1]
 
     outputs = torch.empty(batch_size, max_new_tokens, dtype=torch.long, device=device)
@@ -126,8 +125,7 @@ def generate(
         if finished.all() or steps == max_new_tokens:
             break
         token_embeds = llm.embed(token[:, None])
-        new_position = model.next_position(positions, previous, token[:, None])
-        previous = token[:, None]
+        new_position = model.next_position(positions, token[:, None])
         seen = mask[:, : prompt_len + steps]
         if use_cache:
             logits = llm(token_embeds, seen, cache, new_position, logits_to_keep=1)[:, -1]

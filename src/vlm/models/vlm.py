@@ -291,13 +291,13 @@ class VisionLanguageModel(nn.Module):
         None for `token` (one each)."""
         if self.text_position_unit == "token":
             return None
-        lengths = getattr(self.tokenizer, "byte_lengths", None)
-        if lengths is None:
+        token_bytes = getattr(self.tokenizer, "token_bytes", None)
+        if token_bytes is None:
             raise ValueError(
                 f"model.text_position_unit=byte needs a tokenizer that knows each token's bytes (llm=tiny's); "
                 f"{type(self.tokenizer).__name__} does not"
             )
-        return torch.tensor(lengths(), dtype=torch.long)
+        return torch.tensor([max(1, len(b)) for b in token_bytes()], dtype=torch.long)  # a special token: 1
 
     def position_steps(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """How far each token (B, T) advances the LLM's position: `vision_position_stride` for a vision
@@ -324,10 +324,10 @@ class VisionLanguageModel(nn.Module):
         ends = steps.cumsum(-1)
         return ends if self.text_position_steps is not None else ends - steps
 
-    def next_position(self, positions: torch.Tensor, previous: torch.Tensor, token: torch.Tensor):
-        """The position (B, 1) of `token` (B, 1), fed after `previous` (B, 1) at `positions[:, -1:]`, as
-        `position_ids` would place it; None when the LLM counts positions itself."""
+    def next_position(self, positions: torch.Tensor | None, token: torch.Tensor):
+        """The position (B, 1) of `token` (B, 1), fed after the tokens at `positions`, as `position_ids`
+        would place it (in bytes: where its own bytes end; in tokens: one on); None when the LLM counts
+        positions itself."""
         if positions is None:
             return None
-        step = self.position_steps(token if self.text_position_steps is not None else previous)
-        return positions[:, -1:] + step
+        return positions[:, -1:] + (self.position_steps(token) if self.text_position_steps is not None else 1)

@@ -55,10 +55,6 @@ class ByteTokenizer:
         """The bytes each id stands for (a special token: none)."""
         return [bytes([i]) for i in range(256)] + [b""] * len(self.special_tokens)
 
-    def byte_lengths(self) -> list[int]:
-        """UTF-8 bytes each id stands for: 1 (a special token: 1 too)."""
-        return [1] * self.vocab_size
-
     def format_prompt(self, user_text: str) -> str:
         """The text the model sees before its answer (chat templates hook in here)."""
         return user_text
@@ -124,10 +120,6 @@ class BPETokenizer:
             b"" if i in special else bytes(to_byte[c] for c in self.hf.id_to_token(i))
             for i in range(self.vocab_size)
         ]
-
-    def byte_lengths(self) -> list[int]:
-        """UTF-8 bytes each id stands for (a special token: 1)."""
-        return [max(1, len(b)) for b in self.token_bytes()]
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
