@@ -54,13 +54,14 @@ class VLMModule(L.LightningModule):
         self.cfg = OmegaConf.create(self.hparams["cfg"])
         self.model: VisionLanguageModel = instantiate(self.cfg.model)
         self.frozen = apply_stage(self.model, self.cfg.stage)
+        aux_units = self.cfg.loss.get("aux_units", "llm")  # checkpoints from before it: llm
         self.ctc_head = (
             CTCHead(
                 self.model.encoder.output_dim,
                 self.model.encoder.grid_size[0],
                 self.model.tokenizer,
                 self.cfg.loss.ctc_frames_per_column,
-                self.cfg.loss.get("aux_units", "llm"),  # checkpoints from before it: llm
+                aux_units,
             )
             if self.cfg.loss.ctc_weight > 0 and self._ctc_applies()
             else None
@@ -70,7 +71,7 @@ class VLMModule(L.LightningModule):
                 self.model.llm.hidden_size,
                 self.cfg.loss.chunk_tokens,
                 self.model.tokenizer,
-                self.cfg.loss.get("aux_units", "llm"),  # checkpoints from before it: llm
+                aux_units,
             )
             if self.cfg.loss.chunk_weight > 0 and self._chunk_applies()
             else None

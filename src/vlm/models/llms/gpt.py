@@ -40,7 +40,7 @@ class SpelledHead(nn.Module):
     vector plus its spelling, the sum over its first `SPELLED_BYTES` bytes of a byte embedding scaled per
     byte position, so a hidden state that says "the next bytes are ..." scores every token spelled so,
     rare ones included, before the free rows have learned them (a reader of images must output tokens
-    it has seen rarely; docs/architecture.md, "Training losses")."""
+    it has seen rarely; docs/architecture.md, "Reading BPE tokens from images")."""
 
     def __init__(self, n_embd: int, token_bytes: list[bytes], vocab_size: int) -> None:
         super().__init__()
