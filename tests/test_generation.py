@@ -24,13 +24,20 @@ def small_bpe():
 
 def tiny_llm(backend: str):
     """Our nanochat-architecture GPT (`gpt_bpe`: with a BPE tokenizer, text positions counted in bytes and
-    a spelled output head, as llm=tiny), or a transformers Llama behind `HFCausalLM`."""
+    a spelled output head, as llm=tiny; `gpt_bpe_wpe`: and learned positions), or a transformers Llama
+    behind `HFCausalLM`."""
     if backend == "gpt":
         return build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
-    if backend == "gpt_bpe":
+    if backend in ("gpt_bpe", "gpt_bpe_wpe"):
         with tokenizer_from_checkpoint(small_bpe()):
             return build_gpt(
-                n_layer=2, n_head=4, n_kv_head=2, n_embd=64, position_unit="byte", spelled_head=True
+                n_layer=2,
+                n_head=4,
+                n_kv_head=2,
+                n_embd=64,
+                position_unit="byte",
+                spelled_head=True,
+                learned_positions=512 if backend == "gpt_bpe_wpe" else 0,
             )
     config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
     return build_hf_llm(
@@ -65,7 +72,7 @@ def prompts(model, lengths):
 
 
 STRIDES = pytest.mark.parametrize("stride", [1, 4])
-BACKENDS = pytest.mark.parametrize("backend", ["gpt", "hf", "gpt_bpe"])
+BACKENDS = pytest.mark.parametrize("backend", ["gpt", "hf", "gpt_bpe", "gpt_bpe_wpe"])
 
 
 @BACKENDS
@@ -101,6 +108,28 @@ def test_byte_positions_advance_by_each_tokens_bytes():
             tiny_llm("gpt"),
             text_position_unit="chars",
         )
+
+
+def test_learned_positions_tell_a_token_where_it_stands():
+    """Rotary alone scores relative distances, so shifting every position id changes the logits only by
+    its tables' bf16 rounding; with llm.learned_positions the shift changes them, cached decoding still
+    equals the full forward, and a position past the table is an error naming the option."""
+    rotary, learned = random_vlm(4, "gpt_bpe").llm, random_vlm(4, "gpt_bpe_wpe").llm
+    embeds = torch.randn(2, 10, 64)
+    positions = torch.arange(10).expand(2, 10)
+
+    def shift_effect(llm) -> float:
+        base, shifted = llm(embeds, position_ids=positions), llm(embeds, position_ids=positions + 7)
+        return float((base - shifted).abs().max())
+
+    assert shift_effect(rotary) < 0.1 < 10 * shift_effect(rotary) < shift_effect(learned)
+    cache = learned.new_kv_cache(2, 10)
+    steps = [learned(embeds[:, :6], kv_cache=cache)] + [
+        learned(embeds[:, i : i + 1], kv_cache=cache) for i in range(6, 10)
+    ]
+    assert torch.allclose(torch.cat(steps, dim=1), learned(embeds), atol=1e-5)
+    with pytest.raises(ValueError, match=r"position 512 is beyond the 512 learned positions \(llm.learned"):
+        learned(embeds, position_ids=positions + 503)
 
 
 def test_cached_logits_equal_full_forward():

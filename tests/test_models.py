@@ -53,6 +53,19 @@ def test_pixel_shuffle_keeps_neighbourhoods_together():
     assert torch.equal(out[0, 0], top_left.flatten())
 
 
+def test_rectangular_pixel_shuffle_folds_a_strip_into_quarters():
+    """factor [2, 8] on a one-line strip's 2x32 grid: 4 tokens, token j = columns 8j..8j+7 of both rows."""
+    x = torch.arange(2 * 32 * 3, dtype=torch.float32).view(1, 64, 3)  # 2x32 grid, 3 channels
+    shuffle = PixelShuffle(3, factor=[2, 8])
+    assert shuffle.output_grid((2, 32)) == (1, 4) and shuffle.out_dim == 3 * 16
+    out = shuffle(x, (2, 32))
+    assert out.shape == (1, 4, 48)
+    second = torch.stack([x[0, row * 32 + col] for row in range(2) for col in range(8, 16)])
+    assert torch.equal(out[0, 1], second.flatten())
+    with pytest.raises(ValueError, match=r"factor 2x6 .* 2x32 grid \(rows among 1, 2, cols among 1, 2, 4, 8, 16, 32\)"):
+        PixelShuffle(3, factor=[2, 6]).output_grid((2, 32))
+
+
 def test_impossible_combination_fails_at_construction_with_numbers():
     with pytest.raises(ValueError, match=r"factor 3 .* 4x16 grid"):
         tiny_vlm(functools.partial(PixelShuffle, factor=3))

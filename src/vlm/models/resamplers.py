@@ -49,34 +49,47 @@ class Identity(Resampler):
 
 
 class PixelShuffle(Resampler):
-    """Fold each `factor x factor` neighbourhood into one token: (B, h*w, C) -> (B, h/s * w/s, C*s²)."""
+    """Fold each `rows x cols` neighbourhood into one token: (B, h*w, C) -> (B, h/r * w/c, C*r*c).
+
+    `factor` is one number for a square neighbourhood or `[rows, cols]`: a one-line strip's grid (the
+    tiny encoder's 2x32) folds as [2, 8] into 4 tokens, each a quarter of the line.
+    """
 
     option = "resampler=pixel_shuffle"
     needs_spatial_grid = True
 
-    def __init__(self, in_dim: int, factor: int = 2) -> None:
+    def __init__(self, in_dim: int, factor: int | tuple[int, int] = 2) -> None:
         super().__init__()
-        if factor < 1:
-            raise ValueError(f"resampler=pixel_shuffle needs factor >= 1, got {factor}")
-        self.factor = factor
-        self.out_dim = in_dim * factor * factor
+        rows, cols = (factor, factor) if isinstance(factor, int) else tuple(factor)
+        if rows < 1 or cols < 1:
+            raise ValueError(f"resampler=pixel_shuffle needs factors >= 1, got {factor}")
+        self.factor = (rows, cols)
+        self.out_dim = in_dim * rows * cols
 
     def output_grid(self, grid: Grid) -> Grid:
         rows, cols = grid
-        if rows % self.factor or cols % self.factor:
-            raise ValueError(
-                f"resampler=pixel_shuffle with factor {self.factor} needs a token grid whose sides it "
-                f"divides, but the encoder gives a {rows}x{cols} grid (choose resampler.factor among "
-                f"{', '.join(map(str, common_divisors(rows, cols)))})"
+        r, c = self.factor
+        if rows % r or cols % c:
+            square = r == c
+            shown = r if square else f"{r}x{c}"
+            choices = (
+                f"choose resampler.factor among {', '.join(map(str, common_divisors(rows, cols)))}"
+                if square
+                else f"rows among {', '.join(map(str, common_divisors(rows, rows)))}, "
+                f"cols among {', '.join(map(str, common_divisors(cols, cols)))}"
             )
-        return rows // self.factor, cols // self.factor
+            raise ValueError(
+                f"resampler=pixel_shuffle with factor {shown} needs a token grid whose sides it "
+                f"divides, but the encoder gives a {rows}x{cols} grid ({choices})"
+            )
+        return rows // r, cols // c
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         B, _, C = x.shape
-        s = self.factor
+        r, c = self.factor
         out_rows, out_cols = self.output_grid(grid)
-        x = x.view(B, out_rows, s, out_cols, s, C).permute(0, 1, 3, 2, 4, 5)  # (B, h/s, w/s, s, s, C)
-        return x.reshape(B, out_rows * out_cols, s * s * C)
+        x = x.view(B, out_rows, r, out_cols, c, C).permute(0, 1, 3, 2, 4, 5)  # (B, h/r, w/c, r, c, C)
+        return x.reshape(B, out_rows * out_cols, r * c * C)
 
 
 class AvgPool(Resampler):

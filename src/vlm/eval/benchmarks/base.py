@@ -83,6 +83,7 @@ class Context:
     max_length: int | None = None  # the run's tokens per sample (prompt + answer): the LLM's window
     predictions_path: Path | None = None  # predictions= of eval.py, when scoring given outputs
     generation_seconds: dict[str, float] = field(default_factory=dict)  # wall time per generation group
+    model: Any = None  # the VisionLanguageModel that generated (None when scoring given predictions)
 
 
 @dataclass
@@ -409,29 +410,56 @@ def bar_plot(values: dict[str, float], ylabel: str):
 
 
 def curve_plot(
-    rows: list[dict],
+    rows: list[dict] | dict[str, list[dict]],
     x: str,
     ys: tuple[str, ...],
     xlabel: str,
     references: dict[str, list[tuple[float, float]]] | None = None,
+    xscale: str = "linear",
 ):
     """A plot maker: scores (0..1) in `ys` against `x`, one line each (e.g. precision vs compression),
-    and each of `references` (label -> (x, score) points, e.g. a published model's) as grey markers."""
+    and each of `references` (label -> (x, score) points, e.g. a published model's) as grey markers.
+    `rows` may be {series label: rows} (e.g. one per arm): a colour per series, a line style per score
+    (solid, dashed, ...). Rows holding `<y>_low` and `<y>_high` get them as error bars; `xscale` is
+    matplotlib's ("log": ratios that double from point to point spread evenly)."""
+    series = rows if isinstance(rows, dict) else {"": rows}
 
     def make(path: Path) -> None:
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for y, marker in zip(ys, "o^sDv", strict=False):
-            ax.plot([row[x] for row in rows], [row[y] for row in rows], marker=marker, label=y)
+        fig, ax = plt.subplots(figsize=(6, 4) if len(series) == 1 else (9, 5))
+        for index, (name, points) in enumerate(series.items()):
+            colour = f"C{index % 10}" if len(series) > 1 else None
+            for y, marker, style in zip(ys, "o^sDv", ("-", "--", ":", "-."), strict=False):
+                error = None
+                if all(f"{y}_low" in row and f"{y}_high" in row for row in points):
+                    error = [
+                        [row[y] - row[f"{y}_low"] for row in points],
+                        [row[f"{y}_high"] - row[y] for row in points],
+                    ]
+                label = f"{name}: {y}" if name else y
+                ax.errorbar(
+                    [row[x] for row in points],
+                    [row[y] for row in points],
+                    yerr=error,
+                    marker=marker,
+                    linestyle=style,
+                    color=colour,
+                    capsize=2,
+                    label=label,
+                )
         for (label, points), marker in zip((references or {}).items(), "xP*+", strict=False):
             xs, scores = zip(*points, strict=True)
             ax.scatter(xs, scores, marker=marker, color="grey", label=label)
+        ax.set_xscale(xscale)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("score")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if len(series) == 1:
+            ax.legend()
+        else:  # one entry per arm and score: beside the axes, not over the curves
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         fig.savefig(path, dpi=120)
 

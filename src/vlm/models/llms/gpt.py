@@ -33,6 +33,7 @@ class GPTConfig:
     logit_softcap: float = 15.0
     rotary_base: float = 10000.0
     spelled_head: bool = False  # SpelledHead instead of a plain output matrix (a model trained from scratch)
+    learned_positions: int = 0  # > 0: a learned embedding of each position id below it, added to the input
 
 
 class SpelledHead(nn.Module):
@@ -185,6 +186,8 @@ class GPT(nn.Module):
                 "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             }
         )
+        if config.learned_positions > 0:
+            self.transformer["wpe"] = nn.Embedding(config.learned_positions, config.n_embd)
         self.lm_head = (
             SpelledHead(config.n_embd, self.tokenizer.token_bytes(), config.vocab_size)
             if config.spelled_head
@@ -259,10 +262,24 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=1.0)
         if isinstance(self.lm_head, SpelledHead):
             self.lm_head.reset_parameters()
+        if "wpe" in self.transformer:  # zeros: the rotary model it starts as
+            nn.init.zeros_(self.transformer.wpe.weight)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> embeddings (B, T, C)."""
         return self.transformer.wte(input_ids)
+
+    def position_embeddings(self, positions: torch.Tensor) -> torch.Tensor:
+        """The learned embeddings of `positions` (`learned_positions`); a position beyond the table is an
+        error naming it (text counted in bytes runs further than in tokens)."""
+        table = self.transformer.wpe
+        last = int(positions.max())
+        if last >= table.num_embeddings:
+            raise ValueError(
+                f"position {last} is beyond the {table.num_embeddings} learned positions "
+                f"(llm.learned_positions): raise it, or shorten the samples"
+            )
+        return table(positions)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
@@ -306,6 +323,8 @@ class GPT(nn.Module):
             positions = position_ids
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         x = rms_norm(inputs_embeds.to(self.transformer.wte.weight.dtype))  # a bf16 backbone, fp32 inputs
+        if "wpe" in self.transformer:
+            x = x + self.position_embeddings(positions)
         recompute = self.checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for block in self.transformer.h:
             if recompute:
@@ -348,6 +367,7 @@ def build_gpt(
     n_embd: int = 256,
     position_unit: str = "token",
     spelled_head: bool = False,
+    learned_positions: int = 0,
     lora: dict | None = None,
 ) -> GPT:
     """A freshly initialised GPT (Hydra entry point of `llm=tiny`) with the tokenizer `tokenizer` names:
@@ -355,7 +375,9 @@ def build_gpt(
     `tokenizer_dir` (vlm.models.llms.tokenizer.make_tokenizer). `vocab_size`: the embedding's rows, None
     for the tokenizer's. `position_unit`: what advances its position by one for text, a `token` or (a
     model trained from scratch may choose) a `byte` of it (VisionLanguageModel's `text_position_unit`).
-    `spelled_head`: `SpelledHead` as the output head.
+    `spelled_head`: `SpelledHead` as the output head. `learned_positions` > 0: a learned embedding of
+    each position id below it added to the input, as GPT-2's (rotary alone gives a token no feature of
+    where it stands; a reader of dense vision tokens needs its offset within one).
     `lora` (r > 0): LoRA adapters on the linear layers, the rest frozen."""
     tok = _checkpoint_tokenizer.get() or make_tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_dir)
     config = GPTConfig(
@@ -366,6 +388,7 @@ def build_gpt(
         n_kv_head=n_kv_head or n_head,
         n_embd=n_embd,
         spelled_head=spelled_head,
+        learned_positions=learned_positions,
     )
     gpt = GPT(config, tok)
     gpt.position_unit = position_unit
