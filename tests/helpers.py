@@ -1,13 +1,25 @@
 """Test-only callbacks, importable by `python train.py` subprocesses run from the repo root; a reader for
 offline W&B runs."""
 
+import importlib.util
 import json
 import os
+import shutil
 import struct
 import time
 from pathlib import Path
 
 import lightning as L
+
+# why each OCR engine's tests skip (None: installed)
+OCR_ENGINES_MISSING = {
+    "tesseract": None
+    if shutil.which("tesseract")
+    else "tesseract is not installed (apt-get install tesseract-ocr)",
+    "rapidocr": None
+    if importlib.util.find_spec("rapidocr_onnxruntime")
+    else "rapidocr_onnxruntime is not installed (make ocr)",
+}
 
 
 class KeyRecorder(L.Callback):

@@ -1,10 +1,8 @@
 """External OCR engines as a baseline arm (vlm.eval.ocr_engines), and eval.py scoring predictions without a
 checkpoint, the split rebuilt from the data config. Engine tests run where the engine is installed."""
 
-import importlib.util
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,19 +10,11 @@ import pytest
 from hydra.utils import instantiate
 
 from tests.conftest import TINY_DATA, run_cli
+from tests.helpers import OCR_ENGINES_MISSING
 from vlm.config import add_data_settings, compose
 from vlm.eval.benchmarks.base import Context
 from vlm.eval.ocr_engines import EngineUnavailable, build_engine, main, reading_order
 from vlm.training.run import datamodule_without_checkpoint, evaluate_checkpoint
-
-NOT_INSTALLED = {
-    "tesseract": None
-    if shutil.which("tesseract")
-    else "tesseract is not installed (apt-get install tesseract-ocr)",
-    "rapidocr": None
-    if importlib.util.find_spec("rapidocr_onnxruntime")
-    else "rapidocr_onnxruntime is not installed (make ocr)",
-}
 
 
 def eval_cfg(data_dir: Path, out: Path, *overrides: str):
@@ -71,7 +61,7 @@ def test_other_benchmarks_without_a_checkpoint_work_or_say_what_they_need(data_d
     "engine",
     [
         pytest.param(name, marks=pytest.mark.skipif(bool(why), reason=str(why)))
-        for name, why in NOT_INSTALLED.items()
+        for name, why in OCR_ENGINES_MISSING.items()
     ],
 )
 def test_engine_predictions_are_scored_by_the_printed_eval_command(engine, data_dir, tmp_path, capsys):
@@ -104,7 +94,7 @@ def test_a_missing_engine_says_how_to_install_it(monkeypatch, tmp_path):
         build_engine("rapidocr")
 
 
-@pytest.mark.skipif(bool(NOT_INSTALLED["tesseract"]), reason=str(NOT_INSTALLED["tesseract"]))
+@pytest.mark.skipif(bool(OCR_ENGINES_MISSING["tesseract"]), reason=str(OCR_ENGINES_MISSING["tesseract"]))
 def test_tesseract_without_the_language_data_names_the_package():
     with pytest.raises(EngineUnavailable, match="apt-get install tesseract-ocr-xyz"):
         build_engine("tesseract", lang="eng+xyz")

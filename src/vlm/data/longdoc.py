@@ -13,10 +13,13 @@ as it needs. It writes them once as shards (`RenderedShards`, as the synthetic d
 
 A sample has its pages (`<key>.0.png`, ...), the vision prompt (one `<image>` per page, then the
 question) and in `meta` the document text, the question, the page boundaries and the page with the
-answer. The view is chosen when a sample is read (`LongDocView`, `data.view`), so both views show the
+answer. The view is chosen when a sample is read (`LongDocView`, `data.view`), so every view shows the
 same samples: `vision` the pages; `text` the document text followed by the question, the document cut
 at its END (its beginning kept, at a word boundary) when the prompt and the answer would not fit in
-`max_length` tokens (`text_prompt`); `both` each sample as one or the other.
+`max_length` tokens (`text_prompt`); `pages_as_text` the vision prompt with each page's text in place of
+its image (`page_texts`), for the text context arms that fill each page's K positions from its text;
+`both` each sample as vision or text. Each view goes with some context arms only (`VIEW_CONTEXTS`,
+checked when the view is built).
 """
 
 from __future__ import annotations
@@ -44,7 +47,14 @@ NAMES = (
 )  # fmt: skip
 FACT = "The code of {name} is {value}."
 QUESTION = "What is the code of {name}?"
-VIEWS = ("vision", "text", "both")
+# what each data view shows, and the context arms (model.context, vlm.models.context) that read it
+VIEW_CONTEXTS = {
+    "vision": ("vision",),  # the page images: the encoder reads them
+    "text": ("vision", "truncate", "full_text"),  # the document's tokens in the prompt, no <image>
+    "pages_as_text": ("text_meanpool", "text_conv", "truncate", "full_text"),  # each page's text per <image>
+    "both": ("vision",),  # vision or text, per sample
+}
+VIEWS = tuple(VIEW_CONTEXTS)
 MARGIN = 4  # pixels around the text of a page (render's margin)
 
 
@@ -271,13 +281,29 @@ def text_prompt(
     return prompt(kept), len(kept)
 
 
+def check_view(view: str, context: str | None, option: str = "data.view") -> None:
+    """ValueError naming both when the data view `view` is not one the context arm `context` reads
+    (None: the view's name alone is checked)."""
+    if view not in VIEWS:
+        raise ValueError(f"{option}={view!r}: expected one of {', '.join(VIEWS)}")
+    if context is not None and context not in VIEW_CONTEXTS[view]:
+        fitting = [v for v, contexts in VIEW_CONTEXTS.items() if context in contexts]
+        raise ValueError(
+            f"{option}={view} does not go with context={context}: {view} is read by context="
+            f"{'|'.join(VIEW_CONTEXTS[view])}; context={context} reads {option}={'|'.join(fitting)} "
+            f"(conf/longdoc_arm/ sets both)"
+        )
+
+
 class LongDocView:
-    """A longdoc sample shown as its pages or as its (truncated) text, then processed as usual.
+    """A longdoc sample shown as its pages, its (truncated) text or its pages' texts, then processed as
+    usual by `processor`, whose context arm must read the view (`VIEW_CONTEXTS`).
 
     `view=both` shows a training sample as text with probability `text_share` (drawn per read), an
     evaluation sample by a hash of its key (the same view at every validation). A vision sample also
     carries each page's text as token ids (`image_text_ids`, batched by the Collator) for per-page
-    reading losses.
+    reading losses. A `pages_as_text` sample gives each page's text as that page's context text; a text
+    sample has none (`context_text: []`: its prompt holds no `<image>`).
     """
 
     def __init__(
@@ -287,8 +313,7 @@ class LongDocView:
         values: Sequence[str],
         text_share: float = 0.5,
     ):
-        if view not in VIEWS:
-            raise ValueError(f"data.view={view!r}: expected one of {', '.join(VIEWS)}")
+        check_view(view, processor.context)
         if not 0 <= text_share <= 1:
             raise ValueError(f"data.text_share={text_share}: expected a share in [0, 1]")
         self.processor, self.view, self.text_share = processor, view, text_share
@@ -318,7 +343,10 @@ class LongDocView:
         view = self.view_of(key)
         if view == "text":  # the pages dropped, the document's text in the prompt
             prompt, _ = text_prompt(document, question, self.encode, self.budget)
-            raw = {"__key__": key, "json": json.dumps({**record, "prompt": prompt}).encode()}
+            record = {**record, "prompt": prompt, "context_text": []}
+            raw = {"__key__": key, "json": json.dumps(record).encode()}
+        elif view == "pages_as_text":  # the vision prompt, each page's text for its <image>
+            raw = {"__key__": key, "json": json.dumps({**record, "context_text": pages}).encode()}
         sample = self.processor(raw)
         sample["view"] = view
         if view == "vision":
@@ -333,7 +361,8 @@ class LongDocView:
 
 
 class LongDocDataModule(ShardDataModule):
-    """`ShardDataModule` over a `LongDoc` source, each sample shown as `view` (vision, text or both)."""
+    """`ShardDataModule` over a `LongDoc` source, each sample shown as `view` (vision, text,
+    pages_as_text or both); a view the model's context arm does not read fails here, at start-up."""
 
     def __init__(
         self,
@@ -347,7 +376,12 @@ class LongDocDataModule(ShardDataModule):
         if not isinstance(source, LongDoc):
             raise ValueError(f"data.source must be a vlm.data.longdoc.LongDoc, got {type(source).__name__}")
         values = source.values()
-        LongDocView(processor_factory(False), view, values, text_share)  # bad options fail here
+        self.context = None  # the model's context arm; None without a model (eval.py predictions=)
+        check_view(view, None)
+        if processor_factory is not None:
+            processor = processor_factory(False)
+            LongDocView(processor, view, values, text_share)  # bad options fail here
+            self.context = processor.context
         self.view, self.text_share = view, text_share
 
         def factory(train: bool) -> LongDocView:

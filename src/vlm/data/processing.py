@@ -8,7 +8,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Sequence
-from itertools import chain
+from itertools import accumulate, chain
 from typing import ClassVar
 
 import numpy as np
@@ -187,17 +187,21 @@ def concat_views(views: list[torch.Tensor | TiledViews]) -> torch.Tensor | Tiled
     return TiledViews.cat(views) if isinstance(views[0], TiledViews) else torch.cat(views)
 
 
-def context_text(record: dict, key: str) -> str:
-    """The text a sample's image shows: its record's `context_text`, else an OCR sample's first answer."""
+def context_texts(record: dict, key: str) -> list[str]:
+    """The texts a sample's images show, one per `<image>`: its record's `context_text` (a string for its
+    one image, a list of strings for several, e.g. the pages of a document; an empty list: no image),
+    else an OCR sample's first answer."""
     text = record.get("context_text")
     if text is None and record.get("task") == "ocr":
         text = record["answers"][0]
-    if not isinstance(text, str):
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise ValueError(
             f"sample {key!r} (task {record.get('task')!r}) has no context text for a text context arm: "
-            f"give its record a context_text string (OCR samples use their answer)"
+            f"give its record a context_text string (OCR samples use their answer), or a list of strings "
+            f"(one per {IMAGE_TOKEN})"
         )
-    return text
+    return texts
 
 
 class SampleProcessor:
@@ -207,10 +211,11 @@ class SampleProcessor:
     answer's ids and eos (lists of ints); `Collator` makes the batch's tensors from them, so a sample
     costs no tensors of its own but its images.
 
-    A text `context` arm (`vlm.models.context`) reads no images: the prompt's one `<image>` stands for
-    the text the image shows (`context_text`), as `context_ids` behind K placeholders (`text_meanpool`,
-    `text_conv`) or as token ids in the placeholders' place (`truncate`: the first K, padded to K;
-    `full_text`: all).
+    A text `context` arm (`vlm.models.context`) reads no images: each `<image>` of the prompt stands for
+    the text that image shows (`context_texts`: one string for a one-image prompt, a list of one string
+    per `<image>` for several), as K placeholders with the text's ids (`text_meanpool`, `text_conv`:
+    `context_ids` holds every image's text ids one after another, `context_lengths` how many each) or as
+    token ids in the placeholders' place (`truncate`: the first K, padded to K; `full_text`: all).
     """
 
     prompt_cache_size: ClassVar[int] = 1024  # datasets mostly repeat a few prompts (DocVQA: questions)
@@ -233,6 +238,19 @@ class SampleProcessor:
         self.max_length = max_length
         self.train = train
         self._prompts: dict[tuple, tuple[int, ...]] = {}
+
+    @classmethod
+    def for_model(cls, model, max_length: int = 512, train: bool = True) -> SampleProcessor:
+        """The processor of a `VisionLanguageModel`: its tokenizer, image preprocessing, vision tokens per
+        image and context arm."""
+        return cls(
+            model.tokenizer,
+            model.encoder.preprocessing,
+            model.vision_tokens_per_image,
+            max_length,
+            train=train,
+            context=model.context,
+        )
 
     def decode(self, raw: dict) -> tuple[dict, list[Image.Image]]:
         key = raw.get("__key__", "?")
@@ -320,28 +338,42 @@ class SampleProcessor:
         return ids
 
     def text_context(self, record: dict, key: str) -> tuple[tuple[int, ...], dict]:
-        """(prompt ids, extra sample fields) of a text context arm: the prompt's one `<image>` holds the
-        text the image shows (`context_text`), as K placeholders with `context_ids`, or as ids."""
-        context_ids = self.tokenizer.encode(context_text(record, key))
-        if not context_ids:
-            raise BadSample(key, "empty_text", "the context text is empty")
+        """(prompt ids, extra sample fields) of a text context arm: each `<image>` of the prompt holds the
+        text that image shows (`context_texts`, in prompt order), as K placeholders with `context_ids` and
+        `context_lengths`, or as ids. A single string fills a prompt's one `<image>` (put first when the
+        prompt has none); a count of texts other than the prompt's `<image>`s is a `malformed_record`."""
+        texts = context_texts(record, key)
         markers = record["prompt"].count(IMAGE_TOKEN)
-        if markers > 1:
+        if markers != len(texts) and not (len(texts) == 1 and markers == 0):
             raise BadSample(
                 key,
                 "malformed_record",
-                f"context={self.context} fills one {IMAGE_TOKEN}, the prompt has {markers}",
+                f"context={self.context}: {len(texts)} context text(s) for {markers} {IMAGE_TOKEN} "
+                f"marker(s) in the prompt",
             )
+        rows = [self.tokenizer.encode(text) for text in texts]
+        empty = [i for i, row in enumerate(rows) if not row]
+        if empty:
+            which = "the context text is empty" if len(rows) == 1 else f"the context texts {empty} are empty"
+            raise BadSample(key, "empty_text", which)
         if self.context not in IN_PROMPT:
-            prompt_ids = self.prompt_ids(record["prompt"], 1, [self.vision_tokens_per_image])
-            return prompt_ids, {"context_ids": context_ids}
-        tokens = context_ids
-        if self.context == "truncate":  # exactly K positions: cut, or padded when the text is shorter
+            prompt_ids = self.prompt_ids(
+                record["prompt"], len(rows), [self.vision_tokens_per_image] * len(rows)
+            )
+            fields = {
+                "context_ids": list(chain.from_iterable(rows)),
+                "context_lengths": [len(r) for r in rows],
+            }
+            return prompt_ids, fields if rows else {}
+        if self.context == "truncate":  # exactly K positions each: cut, or padded when the text is shorter
             K = self.vision_tokens_per_image
-            tokens = context_ids[:K] + [self.tokenizer.pad_id] * (K - len(context_ids))
-        ids = list(self.prompt_ids(record["prompt"], 1, [len(tokens)]))
-        start = ids.index(self.tokenizer.image_token_id)
-        ids[start : start + len(tokens)] = tokens
+            rows = [row[:K] + [self.tokenizer.pad_id] * (K - len(row)) for row in rows]
+        ids = list(self.prompt_ids(record["prompt"], len(rows), [len(row) for row in rows]))
+        # the placeholders, image after image, take the texts' ids in the same order (text never encodes
+        # to the image token, so every image token id is a placeholder)
+        slots = [i for i, token in enumerate(ids) if token == self.tokenizer.image_token_id]
+        for slot, token in zip(slots, chain.from_iterable(rows), strict=True):
+            ids[slot] = token
         return tuple(ids), {}
 
     def __call__(self, raw: dict) -> dict:
@@ -391,7 +423,8 @@ class Collator:
     When every sample with images also gives each image's text as token ids (`image_text_ids`, e.g. the
     pages of a `vlm.data.longdoc` sample), the batch has `image_text_ids`: one id tensor per image of
     `pixel_values`, in the same order (what per-image reading losses need). Samples of a compressed
-    text context arm give `context_ids`, batched right-padded with `context_mask`."""
+    text context arm give their texts' ids, batched as one right-padded row per `<image>` (`context_ids`,
+    `context_mask`; see `context_texts`)."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -421,9 +454,16 @@ class Collator:
         } | texts
 
     def context_texts(self, samples: list[dict]) -> dict:
-        if not samples or "context_ids" not in samples[0]:
+        """One right-padded row per `<image>` of a compressed text arm, in the order of the placeholders
+        (sample after sample, image after image, as `pixel_values` holds images)."""
+        lengths = [s.get("context_lengths", ()) for s in samples]
+        if not any(lengths):
             return {}
-        context_ids, context_mask = padded([s["context_ids"] for s in samples], self.pad_id)
+        rows = []
+        for sample, sizes in zip(samples, lengths, strict=True):
+            ends = list(accumulate(sizes))
+            rows += [sample["context_ids"][end - size : end] for end, size in zip(ends, sizes, strict=True)]
+        context_ids, context_mask = padded(rows, self.pad_id)
         return {"context_ids": context_ids, "context_mask": context_mask}
 
     @staticmethod

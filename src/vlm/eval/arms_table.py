@@ -227,6 +227,13 @@ def named_path(argument: str) -> tuple[str, Path]:
     return (name, Path(path)) if named and name and not Path(argument).exists() else ("", Path(argument))
 
 
+def multirun_jobs(path: Path) -> list[Path] | None:
+    """A multirun dir's job dirs (`<dir>/<job num>/`) in job order; None when `path` is not one."""
+    if not (path / "multirun.yaml").is_file():
+        return None
+    return sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
 def collect_runs(arguments: Sequence[str]) -> list[tuple[str, Path]]:
     """(row name, run dir) for each argument: a multirun dir's jobs in order, or one run."""
     runs = []
@@ -234,10 +241,8 @@ def collect_runs(arguments: Sequence[str]) -> list[tuple[str, Path]]:
         name, path = named_path(argument)
         if not path.is_dir():
             raise FileNotFoundError(f"{argument}: no such directory")
-        if (path / "multirun.yaml").is_file():
-            jobs = sorted(
-                (p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
-            )
+        jobs = multirun_jobs(path)
+        if jobs is not None:
             runs += zip(job_names(jobs), jobs, strict=True)
         elif name:
             runs.append((name, path))

@@ -77,13 +77,7 @@ class GenerationCollator(Collator):
 def generate_predictions(trainer, module, benchmark: Benchmark, items: list[Item], ckpt_path=None) -> dict:
     """{key: generated text} for every readable item, from all ranks (batched generation)."""
     model = module.model
-    processor = SampleProcessor(
-        model.tokenizer,
-        model.encoder.preprocessing,
-        model.vision_tokens_per_image,
-        train=False,
-        context=model.context,
-    )
+    processor = SampleProcessor.for_model(model, train=False)
     loader = torch.utils.data.DataLoader(
         GenerationSet(items, processor),
         batch_size=benchmark.batch_size,
@@ -120,6 +114,7 @@ def run_benchmark(
         output_dir=output_dir,
         datamodule=datamodule,
         predictions_path=Path(predictions_path) if predictions_path is not None else None,
+        model=model,
     )
     items = benchmark.items(context)
     if not items:

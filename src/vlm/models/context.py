@@ -9,6 +9,10 @@ LLM, so optical compression is measured against text compressed to the same numb
 - `text_conv`: a learned convolutional compressor of those embeddings to K tokens (`ConvCompressor`);
 - `truncate`: the text's first K token ids in place of the placeholders (`vlm.data.processing`);
 - `full_text`: all of the text's token ids (the upper bound, in as many positions as it needs).
+
+A prompt with several `<image>`s (a document's pages) has one text per `<image>`, each filling its own
+image's positions (`vlm.data.processing.SampleProcessor.text_context`): the compressors see one row per
+`<image>`.
 """
 
 from __future__ import annotations

@@ -197,9 +197,15 @@ class VisionLanguageModel(nn.Module):
         return self.project(self.encoder(pixel_values))
 
     def encode_context(self, context_ids: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        """Right-padded token ids of the texts (N, L) -> compressed and projected (N, K, D_llm)."""
+        """Right-padded token ids of the texts (N, L), one row per `<image>` in placeholder order (sample
+        after sample, image after image) -> compressed and projected (N, K, D_llm), which `embed_inputs`
+        puts in the placeholders in that order, K per row."""
+        lengths = context_mask.sum(-1)
+        if bool((lengths == 0).any()):
+            empty = (lengths == 0).nonzero().flatten().tolist()
+            raise ValueError(f"context rows {empty} hold no tokens: every <image> needs its text")
         embeds = self.llm.embed(context_ids).float()  # the LLM's own table, shared: (N, L, D_llm)
-        tokens = self.resampler(embeds, context_mask.sum(-1))  # the compressor: (N, K, D)
+        tokens = self.resampler(embeds, lengths)  # the compressor: (N, K, D)
         if tokens.shape[1] != self.vision_tokens_per_image:
             raise PlaceholderCountError(
                 f"{self.resampler.option} gave {tokens.shape[1]} tokens per text, not "

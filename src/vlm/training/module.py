@@ -178,9 +178,7 @@ class VLMModule(L.LightningModule):
         if self.ctc_head is not None and features is not None:
             parts["ctc"] = self.ctc_head.loss(features, self.model.encoder.grid_size, batch)
         if self.chunk_head is not None and vision is not None:
-            if "context_ids" in batch:  # each sample's text stands for its one image
-                batch = batch | {"images_per_sample": torch.ones_like(batch["images_per_sample"])}
-            parts["chunk"] = self.chunk_head.loss(vision, batch)
+            parts["chunk"] = self.chunk_head.loss(vision, self.context_reading(batch, vision))
         weights = {"lm": 1.0, "ctc": cfg.ctc_weight, "chunk": cfg.chunk_weight}
         return sum(weights[name] * value for name, value in parts.items()), parts
 
@@ -207,8 +205,21 @@ class VLMModule(L.LightningModule):
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
+    @staticmethod
+    def context_reading(batch: dict, vectors: torch.Tensor) -> dict:
+        """The batch as the chunk loss reads a text arm's vectors (`vlm.training.aux_losses.answer_targets`):
+        each row stands for one image and reads the text it holds (`context_ids`), as the vision arm's pages
+        read their `image_text_ids` (for an OCR sample, its text is its answer: the one-image reading); the
+        vectors stand in for the images that `answer_targets` counts the texts against."""
+        if "context_ids" not in batch:
+            return batch
+        rows = [
+            ids[mask.bool()] for ids, mask in zip(batch["context_ids"], batch["context_mask"], strict=True)
+        ]
+        return batch | {"image_text_ids": rows, "pixel_values": vectors}
+
     def context_vectors(self, batch: dict) -> torch.Tensor | None:
-        """The compressed text of a text context arm's batch (N, K, D_llm), else None."""
+        """The compressed texts of a text context arm's batch, one row per `<image>` (N, K, D_llm), else None."""
         if "context_ids" not in batch:
             return None
         return self.model.encode_context(batch["context_ids"], batch["context_mask"])

@@ -29,14 +29,7 @@ log = logging.getLogger(__name__)
 
 def build_datamodule(data_cfg: DictConfig, model: VisionLanguageModel, max_length: int) -> ShardDataModule:
     """The configured datamodule, processing samples for this model's encoder and tokenizer."""
-    factory = functools.partial(
-        SampleProcessor,
-        model.tokenizer,
-        model.encoder.preprocessing,
-        model.vision_tokens_per_image,
-        max_length,
-        context=model.context,
-    )
+    factory = functools.partial(SampleProcessor.for_model, model, max_length)
     return instantiate(data_cfg, processor_factory=factory, pad_id=model.tokenizer.pad_id)
 
 
