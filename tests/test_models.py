@@ -62,7 +62,9 @@ def test_rectangular_pixel_shuffle_folds_a_strip_into_quarters():
     assert out.shape == (1, 4, 48)
     second = torch.stack([x[0, row * 32 + col] for row in range(2) for col in range(8, 16)])
     assert torch.equal(out[0, 1], second.flatten())
-    with pytest.raises(ValueError, match=r"factor 2x6 .* 2x32 grid \(rows among 1, 2, cols among 1, 2, 4, 8, 16, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"factor 2x6 .* 2x32 grid \(rows among 1, 2, cols among 1, 2, 4, 8, 16, 32\)"
+    ):
         PixelShuffle(3, factor=[2, 6]).output_grid((2, 32))
 
 

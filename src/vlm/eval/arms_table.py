@@ -155,23 +155,24 @@ def read_yaml(path: Path):
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def run_row(name: str, run_dir: Path) -> dict:
-    """One row of the table for a train.py or eval.py run dir."""
+def read_eval(run_dir: Path) -> tuple[dict, list[dict], str | None]:
+    """(metrics.json, samples.jsonl's rows, None) of a train.py run's `eval/` or an eval.py run dir, or
+    ({}, [], why not) when it has no metrics.json (a run that failed or did not finish)."""
     eval_dir = run_dir / "eval" if (run_dir / "eval").is_dir() else run_dir
-    row: dict = {"arm": name, "run_dir": str(run_dir)}
     metrics_path = eval_dir / "metrics.json"
     if not metrics_path.is_file():
-        return row | {
-            "status": "no eval",
-            "reason": f"{metrics_path} missing: the run failed or did not finish",
-        }
-    metrics = json.loads(metrics_path.read_text())
+        return {}, [], f"{metrics_path} missing: the run failed or did not finish"
     samples_path = eval_dir / "samples.jsonl"
-    samples = (
-        [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
-        if samples_path.is_file()
-        else []
-    )
+    lines = samples_path.read_text(encoding="utf-8").splitlines() if samples_path.is_file() else []
+    return json.loads(metrics_path.read_text()), [json.loads(line) for line in lines if line.strip()], None
+
+
+def run_row(name: str, run_dir: Path) -> dict:
+    """One row of the table for a train.py or eval.py run dir."""
+    row: dict = {"arm": name, "run_dir": str(run_dir)}
+    metrics, samples, missing = read_eval(run_dir)
+    if missing:
+        return row | {"status": "no eval", "reason": missing}
     config = read_yaml(run_dir / ".hydra" / "config.yaml") or {}
     context = (config.get("context") or {}).get("name")
     row |= {"status": "ok", "benchmark": metrics.get("benchmark"), "samples": len(samples)}
@@ -234,16 +235,28 @@ def multirun_jobs(path: Path) -> list[Path] | None:
     return sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
-def collect_runs(arguments: Sequence[str]) -> list[tuple[str, Path]]:
-    """(row name, run dir) for each argument: a multirun dir's jobs in order, or one run."""
+def listed_runs(arguments: Sequence[str]) -> list[tuple[str, Path, list[Path] | None]]:
+    """(given name or "", run dir, its multirun's job dirs or None) per run the arguments list: a multirun
+    dir's jobs in job order, else the run itself; a missing dir is an error naming the argument."""
     runs = []
     for argument in arguments:
         name, path = named_path(argument)
         if not path.is_dir():
             raise FileNotFoundError(f"{argument}: no such directory")
         jobs = multirun_jobs(path)
+        runs += [(name, job, jobs) for job in jobs] if jobs is not None else [(name, path, None)]
+    return runs
+
+
+def collect_runs(arguments: Sequence[str]) -> list[tuple[str, Path]]:
+    """(row name, run dir) for each argument: a multirun dir's jobs in order (named by their overrides),
+    or one run (`NAME=DIR`'s name, else its own)."""
+    runs, named_jobs = [], {}
+    for name, path, jobs in listed_runs(arguments):
         if jobs is not None:
-            runs += zip(job_names(jobs), jobs, strict=True)
+            if path not in named_jobs:  # the first job of its multirun: name them all at once
+                named_jobs.update(zip(jobs, job_names(jobs), strict=True))
+            runs.append((named_jobs[path], path))
         elif name:
             runs.append((name, path))
         else:

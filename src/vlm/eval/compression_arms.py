@@ -37,7 +37,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm.eval.arms_table import bootstrap_ratio, collect_runs, named_path, references
+from vlm.eval.arms_table import bootstrap_ratio, collect_runs, named_path, read_eval, references
 from vlm.eval.benchmarks.base import curve_plot
 from vlm.eval.benchmarks.synthetic import FOX_REFERENCE
 from vlm.eval.runner import markdown_table
@@ -49,25 +49,17 @@ SCORES = ("precision", "one_minus_ned")
 
 def read_run(name: str, run_dir: Path) -> dict:
     """{arm, run_dir, status, ...}; with status "ok", `vision_tokens` (K) and `samples` (samples.jsonl)."""
-    eval_dir = run_dir / "eval" if (run_dir / "eval").is_dir() else run_dir
     run = {"arm": name, "run_dir": str(run_dir)}
-    metrics_path = eval_dir / "metrics.json"
-    if not metrics_path.is_file():
-        return run | {
-            "status": "no eval",
-            "reason": f"{metrics_path} missing: the run failed or did not finish",
-        }
-    metrics = json.loads(metrics_path.read_text())
+    metrics, samples, missing = read_eval(run_dir)
+    if missing:
+        return run | {"status": "no eval", "reason": missing}
     if metrics.get("benchmark") != BENCHMARK:
         return run | {
             "status": "other benchmark",
-            "reason": f"{metrics_path} is of benchmark={metrics.get('benchmark')}, not {BENCHMARK}",
+            "reason": f"{run_dir} is of benchmark={metrics.get('benchmark')}, not {BENCHMARK}",
         }
-    samples_path = eval_dir / "samples.jsonl"
-    lines = samples_path.read_text(encoding="utf-8").splitlines() if samples_path.is_file() else []
-    samples = [json.loads(line) for line in lines if line.strip()]
     if not samples:
-        return run | {"status": "no samples", "reason": f"{samples_path} missing or empty"}
+        return run | {"status": "no samples", "reason": f"{run_dir} has no samples.jsonl rows"}
     return run | {"status": "ok", "vision_tokens": metrics.get("vision_tokens_per_image"), "samples": samples}
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm.eval.arms_table import Z95, multirun_jobs, named_path, read_yaml, wilson_interval
+from vlm.eval.arms_table import Z95, listed_runs, named_path, read_yaml, wilson_interval
 from vlm.eval.runner import markdown_table
 
 OUTPUT = "longdoc_arms"
@@ -72,21 +72,6 @@ def two_level_interval(groups: Sequence[Sequence[float]], resamples: int = 2000,
     estimates = np.take_along_axis(means, chosen, axis=1).mean(1)
     low, high = np.percentile(estimates, [2.5, 97.5])
     return float(low), float(high)
-
-
-def run_dirs(arguments: Sequence[str]) -> list[tuple[str, Path]]:
-    """(given name or "", run dir) for each argument: a multirun dir's jobs in order, or the run itself."""
-    runs = []
-    for argument in arguments:
-        name, path = named_path(argument)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{argument}: no such directory")
-        jobs = multirun_jobs(path)
-        if jobs is not None:
-            runs += [(name, job) for job in jobs]
-        else:
-            runs.append((name, path))
-    return runs
 
 
 def arm_name(run_dir: Path, metrics: dict) -> str:
@@ -198,7 +183,7 @@ def collect(arguments: Sequence[str]) -> tuple[list[dict], dict[str, dict], list
     """(rows, windows, notes) of the runs the arguments name."""
     runs: list[ArmRun] = []
     notes: list[str] = []
-    for name, run_dir in run_dirs(arguments):
+    for name, run_dir, _ in listed_runs(arguments):
         found, missing = read_run(name, run_dir)
         runs += found
         if missing:
