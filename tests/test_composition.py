@@ -69,7 +69,9 @@ def test_every_experiment_is_a_known_recipe():
         "ocr_tiny",
         "longdoc_cpu",
         "longdoc_gpu",
-    }  # longdoc: test_longdoc
+        "longdoc_bpe_cpu",
+        "longdoc_bpe_gpu",
+    }  # longdoc: test_longdoc; longdoc_bpe: test_longdoc_arms
 
 
 @pytest.mark.parametrize("experiment", RECIPES)
