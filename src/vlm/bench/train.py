@@ -111,6 +111,8 @@ def check_idefics3_shape(model: VisionLanguageModel) -> None:
         )
     if not isinstance(model.resampler, PixelShuffle):
         problems.append(f"needs resampler=pixel_shuffle, got {model.resampler.option}")
+    elif model.resampler.factor[0] != model.resampler.factor[1]:
+        problems.append(f"needs a square pixel shuffle, got resampler.factor={list(model.resampler.factor)}")
     if not isinstance(model.projector, nn.Linear) or model.projector.bias is not None:
         problems.append("needs projector=linear projector.bias=false (Idefics3's connector)")
     if not isinstance(model.llm, HFCausalLM):
@@ -143,7 +145,7 @@ def build_idefics3(model: VisionLanguageModel, attn_implementation: str) -> nn.M
     config = Idefics3Config(
         vision_config=vision,
         text_config=text,
-        scale_factor=model.resampler.factor,
+        scale_factor=model.resampler.factor[0],  # square: check_idefics3_shape
         image_token_id=model.tokenizer.image_token_id,
         tie_word_embeddings=text.tie_word_embeddings,
     )
