@@ -264,10 +264,25 @@ def collect_runs(arguments: Sequence[str]) -> list[tuple[str, Path]]:
     return runs
 
 
+def missing(value) -> bool:
+    """None or NaN: a figure a run does not have."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def json_ready(rows: list[dict]) -> list[dict]:
+    """The rows with NaN as None (JSON has no NaN)."""
+    return [{k: None if missing(v) else v for k, v in row.items()} for row in rows]
+
+
+def compression_columns(rows: list[dict]) -> list[str]:
+    """The `compression_<tokenizer>` keys any row has, in the order first seen."""
+    return [key for key in dict.fromkeys(k for row in rows for k in row) if key.startswith("compression_")]
+
+
 def table_columns(rows: list[dict]) -> list[str]:
     """The value columns any row has, in a fixed order (compression columns in the order first seen)."""
     seen = list(dict.fromkeys(key for row in rows for key in row))
-    compression = [key for key in seen if key.startswith("compression_")]
+    compression = compression_columns(rows)
     order = [
         "samples",
         *SCORES,
@@ -282,10 +297,11 @@ def table_columns(rows: list[dict]) -> list[str]:
 
 
 def cell(row: dict, column: str) -> str:
+    """A table cell: "–" for a missing figure, a score with its interval in brackets, 4 digits."""
     value = row.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if missing(value):
         return "–"
-    if column in SCORES and f"{column}_low" in row:
+    if column in SCORES and row.get(f"{column}_low") is not None:
         return f"{value:.3f} [{row[f'{column}_low']:.3f}, {row[f'{column}_high']:.3f}]"
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -334,10 +350,7 @@ def write_table(arguments: Sequence[str], out_dir: Path) -> list[dict]:
     rows = [run_row(name, run_dir) for name, run_dir in collect_runs(arguments)]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "arms.md").write_text(markdown(rows))
-    finite = [
-        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows
-    ]
-    (out_dir / "arms.json").write_text(json.dumps(finite, indent=1))
+    (out_dir / "arms.json").write_text(json.dumps(json_ready(rows), indent=1))
     plot(rows, out_dir / "arms.png")
     return rows
 

@@ -32,12 +32,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm.eval.arms_table import bootstrap_ratio, collect_runs, named_path, read_eval, references
+from vlm.eval.arms_table import (
+    bootstrap_ratio,
+    collect_runs,
+    compression_columns,
+    json_ready,
+    missing,
+    named_path,
+    read_eval,
+    references,
+)
 from vlm.eval.benchmarks.base import curve_plot
 from vlm.eval.benchmarks.synthetic import FOX_REFERENCE
 from vlm.eval.runner import markdown_table
@@ -134,17 +142,13 @@ def merge_runs(arguments: Sequence[str]) -> list[dict]:
 
 def tokenizers(rows: list[dict]) -> list[str]:
     """The tokenizers any row has a compression for: gpt2 first, then in the order first seen."""
-    seen = dict.fromkeys(
-        key.removeprefix("compression_") for row in rows for key in row if key.startswith("compression_")
-    )
-    return sorted(seen, key=lambda name: name != "gpt2")
+    names = [key.removeprefix("compression_") for key in compression_columns(rows)]
+    return sorted(names, key=lambda name: name != "gpt2")
 
 
 def number(value, digits: int) -> str:
     """`value` to `digits` decimals; "–" for none or NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}"
+    return "–" if missing(value) else f"{value:.{digits}f}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -202,10 +206,7 @@ def write_merged(arguments: Sequence[str], out_dir: Path) -> list[dict]:
     rows = merge_runs(arguments)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compression_arms.md").write_text(markdown(rows), encoding="utf-8")
-    finite = [
-        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows
-    ]
-    (out_dir / "compression_arms.json").write_text(json.dumps(finite, indent=1), encoding="utf-8")
+    (out_dir / "compression_arms.json").write_text(json.dumps(json_ready(rows), indent=1), encoding="utf-8")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -39,7 +39,17 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm.eval.arms_table import Z95, listed_runs, named_path, read_yaml, wilson_interval
+from vlm.eval.arms_table import (
+    Z95,
+    cell,
+    compression_columns,
+    json_ready,
+    listed_runs,
+    missing,
+    named_path,
+    read_yaml,
+    wilson_interval,
+)
 from vlm.eval.runner import markdown_table
 
 OUTPUT = "longdoc_arms"
@@ -118,7 +128,7 @@ def read_run(name: str, run_dir: Path) -> tuple[list[ArmRun], str | None]:
 
 
 def mean_of(values) -> float | None:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    values = [v for v in values if not missing(v)]
     return statistics.fmean(values) if values else None
 
 
@@ -195,19 +205,9 @@ def collect(arguments: Sequence[str]) -> tuple[list[dict], dict[str, dict], list
     return rows, windows(runs), notes
 
 
-def cell(row: dict, column: str) -> str:
-    value = row.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if column in SCORES and row.get(f"{column}_low") is not None:
-        return f"{value:.3f} [{row[f'{column}_low']:.3f}, {row[f'{column}_high']:.3f}]"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def markdown(rows: list[dict], arm_windows: dict[str, dict], notes: list[str]) -> str:
     """The table (95% intervals in brackets), each arm's window, then the runs without results."""
-    seen = list(dict.fromkeys(key for row in rows for key in row))
-    compression = [key for key in seen if key.startswith("compression_")]
+    compression = compression_columns(rows)
     columns = [
         "arm",
         "length",
@@ -293,10 +293,7 @@ def write_table(arguments: Sequence[str], out_dir: Path) -> list[dict]:
         raise ValueError(f"no benchmark=longdoc results in {', '.join(arguments)}: " + "; ".join(notes))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{OUTPUT}.md").write_text(markdown(rows, arm_windows, notes))
-    finite = [
-        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows
-    ]
-    payload = {"rows": finite, "windows": arm_windows, "notes": notes}
+    payload = {"rows": json_ready(rows), "windows": arm_windows, "notes": notes}
     (out_dir / f"{OUTPUT}.json").write_text(json.dumps(payload, indent=1))
     plot(rows, arm_windows, out_dir / f"{OUTPUT}.png")
     return rows

@@ -211,11 +211,6 @@ class LongDocBenchmark(Benchmark):
         """The OCR engine of `ocr_engine` (`vlm.eval.ocr_engines`; EngineUnavailable says how to install it)."""
         from vlm.eval.ocr_engines import build_engine
 
-        if self.ocr_engine is None:
-            raise ValueError(
-                "benchmark.views has ocr_text: choose the engine that reads the pages, "
-                f"benchmark.ocr_engine={'|'.join(OCR_ENGINES)}"
-            )
         engine = build_engine(self.ocr_engine, psm=self.ocr_psm)
         self.engine_version, self.engine_settings = engine.version, engine.settings
         return engine
