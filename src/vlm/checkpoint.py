@@ -90,6 +90,38 @@ def load_module(file: str | Path, checkpoint: dict | None = None) -> VLMModule:
     return module
 
 
+def init_parts(module: VLMModule, file: str | Path, parts: list[str]) -> None:
+    """Start `parts` of `module`'s model (names among encoder, resampler, projector, llm; `all`: every one)
+    from the weights of the train.py checkpoint `file`, each loaded strictly (`load_strict`): a missing,
+    unexpected or mis-shaped key is an error naming it. A checkpoint whose tokenizer differs from the
+    model's is refused when `llm` is among the parts (its ids would mean other strings)."""
+    from vlm.models.pretrained import load_strict
+    from vlm.training.module import PARTS
+
+    parts = list(PARTS) if list(parts) == ["all"] else list(parts)
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"init_from.parts={parts}: expected some of {', '.join(PARTS)}, or [all]")
+    checkpoint = read_lightning_checkpoint(file)
+    if "llm" in parts:
+        to_json = getattr(module.model.tokenizer, "to_json", None)
+        saved = checkpoint.get("tokenizer")
+        if (to_json() if to_json else None) != saved:
+            raise ValueError(
+                f"init_from.ckpt={file}: its tokenizer is not this run's LLM tokenizer, so its LLM's "
+                "token ids would mean other strings; train it with the same llm.tokenizer settings"
+            )
+    state = checkpoint["state_dict"]
+    for part in parts:
+        prefix = f"model.{part}."
+        load_strict(
+            module.model.get_submodule(part),
+            {name: tensor for name, tensor in state.items() if name.startswith(prefix)},
+            prefix,
+            f"{file} ({part})",
+        )
+
+
 def saved_tokenizer(checkpoint: dict, source: str) -> BPETokenizer | None:
     """The tokenizer saved in a checkpoint (`VLMModule.on_save_checkpoint`), or None when it has none."""
     from vlm.models.llms.tokenizer import BPETokenizer

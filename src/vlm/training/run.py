@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vlm.checkpoint import load_module
+from vlm.checkpoint import init_parts, load_module
 from vlm.config import CONFIG_DIR
 from vlm.data.datamodule import ShardDataModule
 from vlm.data.processing import SampleProcessor
@@ -79,6 +79,10 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_path(cfg.get("ckpt_path"), Path(cfg.paths.output_dir) / "checkpoints")
     L.seed_everything(cfg.seed, workers=True)
     module = VLMModule(cfg)
+    init = cfg.get("init_from") or {}
+    if init.get("ckpt"):
+        init_parts(module, init.ckpt, list(init.parts))
+        log.info("init_from: %s from %s", ", ".join(init.parts), init.ckpt)
     total, trainable = count_parameters(module.model)
     log.info(
         "model: %s parameters, %s trainable; frozen: %s\n%s",
