@@ -243,6 +243,41 @@ def test_views_of_the_same_shard_sample(tmp_path):
             LongDocView(processor(), view, values)(to_tar_entry(page_sample("plain", 1)))
 
 
+def test_follow_ups_ask_every_other_fact_in_training_only(tmp_path):
+    source = small_longdoc(tmp_path, min_chars=150, max_chars=200, facts_per_doc=3)
+    raw = next(read_shards(source.prepare()["val"]))
+    meta = json.loads(raw["json"])["meta"]
+    values = source.values()
+    train = LongDocView(processor(max_length=512, train=True), "text", values, follow_ups=True)(raw)
+    answer = bytes(i for i in train["answer_ids"] if i < 256).decode()
+    eos = ByteTokenizer().eos_id
+    assert train["answer_ids"].count(eos) == 3 and train["answer_ids"][-1] == eos
+    turns = [bytes(turn).decode() for turn in _split(train["answer_ids"], eos)]
+    asked = meta["facts"][meta["asked"]]
+    assert turns[0] == asked["value"]
+    others = {f"\nWhat is the code of {f['name']}?{f['value']}" for f in meta["facts"] if f != asked}
+    assert set(turns[1:]) == others and len(answer) == sum(len(t) for t in turns)
+    # evaluation keeps the one question; without room, the follow-ups that do not fit are left out
+    assert LongDocView(processor(max_length=512), "text", values, follow_ups=True)(raw)["answer_ids"] == [
+        *asked["value"].encode(),
+        eos,
+    ]
+    room = len(train["prompt_ids"]) + len(asked["value"]) + 1 + max(len(t) + 1 for t in turns[1:])
+    one = LongDocView(processor(max_length=room, train=True), "text", values, follow_ups=True)(raw)
+    assert one["answer_ids"].count(eos) == 2
+
+
+def _split(ids: list[int], sep: int) -> list[list[int]]:
+    out, current = [], []
+    for i in ids:
+        if i == sep:
+            out.append(current)
+            current = []
+        else:
+            current.append(i)
+    return out
+
+
 # ------------------------------------------------------------------------------------- the recipes
 @pytest.mark.parametrize("experiment", ["longdoc_cpu", "longdoc_gpu"])
 def test_recipe_documents_fit_as_pages_overflow_the_text_window_as_bytes_not_as_bpe(make_cfg, experiment):

@@ -110,6 +110,15 @@ def test_every_arm_composes_with_its_context_view_and_window(make_cfg):
         "full_text": ("full_text", "text", 640, "token"),
     }
     assert make_cfg("experiment=longdoc_cpu").data.view == "both"  # the old recipe keeps both views
+    # not an arm: the text pretraining every arm may start from (init_from), whole short documents as text
+    pre = make_cfg("experiment=longdoc_bpe_cpu", "longdoc_arm=text_pretraining")
+    assert (pre.context.name, pre.data.view, pre.data.follow_ups, pre.loss.prompt_lm_weight) == (
+        "truncate",
+        "text",
+        True,
+        1.0,
+    )
+    assert pre.data.source.max_chars < pre.max_length  # < 1 BPE token per character: nothing is cut
 
 
 # -------------------------------------------------------------------------- text arms over several pages

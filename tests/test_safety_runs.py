@@ -222,6 +222,7 @@ def test_non_finite_steps_within_patience_are_skipped():
         ("data.batch_size=0", r"data\.batch_size=0: must be an integer >= 1"),
         ("data.source.samples_per_shard=0", r"data\.source\.samples_per_shard=0: must be an integer >= 1"),
         ("llm.lora.r=-1", r"llm\.lora\.r=-1: must be an integer >= 0"),
+        ("loss.prompt_lm_weight=-1", r"loss\.prompt_lm_weight=-1: must be a number >= 0"),
         ("llm.tokenizer_vocab_size=100", r"llm\.tokenizer_vocab_size=100: must be an integer >= 260"),
         ("encoder.image_size=[0,512]", r"encoder\.image_size=\[0, 512\]: must be \[height, width\]"),
         ("data.source.image_size=[0,512]", r"data\.source\.image_size=\[0, 512\]: must be \[height, width\]"),

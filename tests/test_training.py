@@ -56,6 +56,34 @@ def test_lm_loss_is_next_token_cross_entropy_on_the_answer_and_adamw_is_fused(ma
     assert optimizer.defaults["fused"] is True
 
 
+def test_prompt_lm_is_next_token_cross_entropy_on_the_prompts_text_only(make_cfg):
+    from tests.steps import make_batch
+    from vlm import IGNORE_INDEX
+
+    module = VLMModule(make_cfg("loss.ctc_weight=0", "loss.chunk_weight=0", "loss.prompt_lm_weight=0.5"))
+    batch = make_batch(module.model, ["ab", "a longer answer"])
+    loss, parts = module.loss(batch)
+    logits = module.model(
+        batch["input_ids"], vision=module.model.project(module.model.encoder(batch["pixel_values"]))
+    )
+    tokenizer, ids = module.model.tokenizer, batch["input_ids"]
+    prompt_text = [
+        (b, t)
+        for b in range(ids.shape[0])
+        for t in range(ids.shape[1] - 1)
+        if batch["attention_mask"][b, t + 1]
+        and batch["labels"][b, t + 1] == IGNORE_INDEX
+        and ids[b, t + 1] not in (tokenizer.image_token_id, tokenizer.pad_id)
+    ]
+    prompt_tokens = [i for i in batch["prompt_ids"][0].tolist() if i != tokenizer.pad_id]
+    image_tokens = prompt_tokens.count(tokenizer.image_token_id)
+    assert len(prompt_text) == 2 * (len(prompt_tokens) - image_tokens - 1)  # all but bos, both rows
+    terms = [-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b, t in prompt_text]
+    assert torch.allclose(parts["prompt_lm"], torch.stack(terms).mean(), atol=1e-6)
+    assert torch.allclose(loss, parts["lm"] + 0.5 * parts["prompt_lm"])
+    assert "prompt_lm" not in VLMModule(make_cfg()).loss(batch)[1]  # off by default
+
+
 def test_frozen_parts_do_not_change_in_a_step(make_cfg, tmp_path):
     cfg = make_cfg("stage=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false")
     torch.manual_seed(0)

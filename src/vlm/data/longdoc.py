@@ -312,11 +312,14 @@ class LongDocView:
         view: str,
         values: Sequence[str],
         text_share: float = 0.5,
+        follow_ups: bool = False,
+        question: str = QUESTION,
     ):
         check_view(view, processor.context)
         if not 0 <= text_share <= 1:
             raise ValueError(f"data.text_share={text_share}: expected a share in [0, 1]")
         self.processor, self.view, self.text_share = processor, view, text_share
+        self.follow_ups, self.question = follow_ups, question
         self.budget = processor.max_length - answer_slot(processor.tokenizer, values)
 
     def view_of(self, key: str) -> str:
@@ -357,7 +360,33 @@ class LongDocView:
                     f"{len(pages)} page texts for {len(sample['pixel_values'])} pages",
                 )
             sample["image_text_ids"] = [self.processor.tokenizer.encode(page) for page in pages]
+        if self.follow_ups and self.processor.train:
+            sample["answer_ids"] = self.with_follow_ups(sample, meta, key)
         return sample
+
+    def with_follow_ups(self, sample: dict, meta: dict, key: str) -> list[int]:
+        """The answer, then the questions about the document's other facts (in a random order), each with
+        its value and end-of-sequence, as many as fit in `max_length`: four times the answers per
+        document, and the question's name to copy from the document (`data.follow_ups`, training only)."""
+        tokenizer = self.processor.tokenizer
+        try:
+            others = [fact for i, fact in enumerate(meta["facts"]) if i != meta["asked"]]
+            turns = [
+                [
+                    *tokenizer.encode("\n" + self.question.format(name=fact["name"])),
+                    *tokenizer.encode(fact["value"]),
+                    tokenizer.eos_id,
+                ]
+                for fact in random.sample(others, len(others))
+            ]
+        except (KeyError, TypeError) as error:
+            raise BadSample(key, "malformed_record", f"its facts cannot be asked ({error!r})") from error
+        answer, room = list(sample["answer_ids"]), self.processor.max_length - len(sample["prompt_ids"])
+        for turn in turns:
+            if len(answer) + len(turn) > room:
+                break
+            answer += turn
+        return answer
 
 
 class LongDocDataModule(ShardDataModule):
@@ -371,6 +400,7 @@ class LongDocDataModule(ShardDataModule):
         source: LongDoc,
         view: str = "vision",
         text_share: float = 0.5,
+        follow_ups: bool = False,
         **kwargs,
     ) -> None:
         if not isinstance(source, LongDoc):
@@ -385,7 +415,9 @@ class LongDocDataModule(ShardDataModule):
         self.view, self.text_share = view, text_share
 
         def factory(train: bool) -> LongDocView:
-            return LongDocView(processor_factory(train), view, values, text_share)
+            return LongDocView(
+                processor_factory(train), view, values, text_share, follow_ups, source.question
+            )
 
         super().__init__(factory, pad_id, source=source, **kwargs)
 

@@ -45,6 +45,11 @@ def bpe_vocab_size(value) -> str | None:
     return None if _is_int(value) and value >= 260 else "must be an integer >= 260 (256 bytes + 4 specials)"
 
 
+def non_negative(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return None if ok else "must be a number >= 0 (0: off)"
+
+
 RULES: dict[str, Callable[[object], str | None]] = {
     "trainer.max_steps": step_limit,
     "trainer.val_check_interval": at_least_one,
@@ -54,6 +59,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "encoder.image_size": image_size,
     "data.source.image_size": image_size,
     "llm.lora.r": lora_rank,
+    "loss.prompt_lm_weight": non_negative,
     "llm.tokenizer_vocab_size": bpe_vocab_size,
     "callbacks.preemption.signals": catchable_signals,
 }

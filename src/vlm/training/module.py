@@ -175,12 +175,35 @@ class VLMModule(L.LightningModule):
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         parts = {"lm": lm}
+        if cfg.get("prompt_lm_weight", 0.0) > 0:
+            parts["prompt_lm"] = self.prompt_lm(logits, batch)
         if self.ctc_head is not None and features is not None:
             parts["ctc"] = self.ctc_head.loss(features, self.model.encoder.grid_size, batch)
         if self.chunk_head is not None and vision is not None:
             parts["chunk"] = self.chunk_head.loss(vision, self.context_reading(batch, vision))
-        weights = {"lm": 1.0, "ctc": cfg.ctc_weight, "chunk": cfg.chunk_weight}
+        weights = {
+            "lm": 1.0,
+            "prompt_lm": cfg.get("prompt_lm_weight", 0.0),
+            "ctc": cfg.ctc_weight,
+            "chunk": cfg.chunk_weight,
+        }
         return sum(weights[name] * value for name, value in parts.items()), parts
+
+    def prompt_lm(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Next-token cross-entropy on the prompt's own text tokens (`loss.prompt_lm_weight`): what a
+        language model learns from the document in a text view; image placeholders, vision tokens,
+        padding and the answer are not targets."""
+        tokenizer, input_ids = self.model.tokenizer, batch["input_ids"]
+        text = (
+            batch["attention_mask"].bool()
+            & (batch["labels"] == IGNORE_INDEX)
+            & (input_ids != tokenizer.image_token_id)
+            & (input_ids != tokenizer.pad_id)
+        )
+        targets = F.pad(input_ids.masked_fill(~text, IGNORE_INDEX)[:, 1:], (0, 1), value=IGNORE_INDEX)
+        if not (targets != IGNORE_INDEX).any():
+            return logits.sum() * 0.0  # a batch with no prompt text (a vision view): no loss, same graph
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def _count_skipped(self, batch: dict) -> None:
         """Running totals of skipped samples and of samples per data source, summed over ranks."""
