@@ -260,3 +260,19 @@ def test_ngram_guard_window_and_exempt_tokens():
         torch.zeros(2, 10), torch.tensor([[1, 2, 3, 1, 2], [5, 6, 7, 8, 9]]), 3, None, no_exempt
     )
     assert two[0, 3] == float("-inf") and torch.isfinite(two[1]).all()
+
+
+def test_chunk_after_cache_without_mask_is_causal():
+    """A multi-token chunk fed after a filled cache with no attention mask attends causally: position i
+    of the chunk sees the cache and the chunk up to i, so a prompt in chunks gives the full forward's
+    logits (an all-True mask let each token see the later ones of its chunk)."""
+    llm = random_vlm().llm
+    embeds = torch.randn(2, 10, 64)
+    full = llm(embeds)
+    for cut in (1, 4, 7):
+        cache = llm.new_kv_cache(2, 10)
+        chunks = [llm(embeds[:, :cut], kv_cache=cache), llm(embeds[:, cut:], kv_cache=cache)]
+        assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+    cache = llm.new_kv_cache(2, 10)
+    chunks = [llm(embeds[:, a:b], kv_cache=cache) for a, b in ((0, 3), (3, 6), (6, 10))]
+    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)

@@ -90,13 +90,16 @@ def test_docvqa_submission_format(tmp_path) -> None:
 
 
 def test_tokenize_matches_ptb_then_punctuation_removal() -> None:
-    # PTB: A man 's dog , -LRB- sitting -RRB- on the `` mat '' . -> punctuation tokens dropped
+    # PTB -lowerCase: a man 's dog , -lrb- sitting -rrb- on the `` mat '' . -> pycocoevalcap drops the
+    # punctuation of its list, whose upper-case -LRB- -RRB- no longer match: the brackets stay as words
     assert tokenize('A man\'s dog, (sitting) on the "mat".') == [
         "a",
         "man",
         "'s",
         "dog",
+        "-lrb-",
         "sitting",
+        "-rrb-",
         "on",
         "the",
         "mat",
@@ -105,6 +108,7 @@ def test_tokenize_matches_ptb_then_punctuation_removal() -> None:
     assert tokenize("A 3.5 ft black-and-white -- photo; 1,000 dogs' toys...") == [
         "a", "3.5", "ft", "black-and-white", "photo", "1,000", "dogs", "toys",
     ]  # fmt: skip
+    assert tokenize("a [red] {cup}") == ["a", "-lrb-", "red", "-rrb-", "-lcb-", "cup", "-rcb-"]
     assert "PTB" in TOKENIZATION_NOTE
 
 
@@ -300,3 +304,43 @@ def test_chinese_words_use_jieba_and_corpus_means() -> None:
     assert means["precision"] == pytest.approx((0.6 + 1.0) / 2)
     assert means["precision_fox_official"] == pytest.approx((1.0 + 1.0) / 2)
     assert means["edit_distance"] == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_rouge_l_empty_captions_follow_pycocoevalcap() -> None:
+    """pycocoevalcap's rouge.py splits each tokenised caption with ``split(" ")``, so an empty one is a
+    single empty token: empty against empty gives LCS 1, P = R = 1 and F = 1 (it asserts nothing about
+    empty captions); an empty caption against a non-empty one gives 0."""
+
+    def lcs(a: list[str], b: list[str]) -> int:
+        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i, x in enumerate(a, 1):
+            for j, y in enumerate(b, 1):
+                table[i][j] = table[i - 1][j - 1] + 1 if x == y else max(table[i - 1][j], table[i][j - 1])
+        return table[-1][-1]
+
+    def coco_rouge(cand: str, refs: list[str], beta: float = 1.2) -> float:  # rouge.py's arithmetic
+        c, rs = cand.split(" "), [r.split(" ") for r in refs]
+        p = max(lcs(r, c) / len(c) for r in rs)
+        r = max(lcs(r, c) / len(r) for r in rs)
+        return (1 + beta**2) * p * r / (r + beta**2 * p) if p and r else 0.0
+
+    cases = {
+        "both_empty": ("", [""]),
+        "punctuation_only": (".", ["!"]),  # nothing left after tokenisation on either side
+        "empty_cand_one_empty_ref": ("", ["a dog", ""]),
+        "empty_cand": ("", ["a dog"]),
+        "empty_ref_only": ("a cat", [""]),
+        "one_empty_ref": ("a cat", ["", "a cat sat"]),
+    }
+    cands = {k: c for k, (c, _) in cases.items()}
+    refs = {k: r for k, (_, r) in cases.items()}
+    per = rouge_l_per_image(cands, refs)
+    expected = {
+        k: coco_rouge(" ".join(tokenize(c)), [" ".join(tokenize(r)) for r in rs])
+        for k, (c, rs) in cases.items()
+    }
+    assert per == pytest.approx(expected)
+    assert per["both_empty"] == per["punctuation_only"] == per["empty_cand_one_empty_ref"] == 1.0
+    assert per["empty_cand"] == per["empty_ref_only"] == 0.0
+    assert rouge_l({0: ""}, {0: [""]}, pretokenized=True) == 1.0
+    assert rouge_l({0: "", 1: "zzz"}, {0: [""], 1: ["a b"]}) == 0.5

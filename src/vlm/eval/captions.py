@@ -36,7 +36,8 @@ __all__ = [
     "tokenize",
 ]
 
-#: Tokens that pycocoevalcap's ``PTBTokenizer`` removes after PTB tokenisation (its ``PUNCTUATIONS``).
+#: pycocoevalcap's ``PTBTokenizer.PUNCTUATIONS``, the tokens it removes after PTB tokenisation (the
+#: upper-case bracket entries never match the ``-lowerCase`` output, so brackets stay; see `tokenize`).
 PTB_REMOVED_PUNCTUATION: tuple[str, ...] = (
     "''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
     ".", "?", "!", ",", ":", "-", "--", "...", ";",
@@ -44,8 +45,9 @@ PTB_REMOVED_PUNCTUATION: tuple[str, ...] = (
 
 TOKENIZATION_NOTE = (
     "PTB tokenizer (Java) replaced by vlm.eval.captions.tokenize: lowercase; clitics split as PTB does "
-    "(n't 's 're 've 'll 'd 'm); removed: . , : (kept between digits) ? ! ; quotes ' \" ` ( ) [ ] { } and "
-    "stand-alone/edge - -- ...; other symbols kept attached; abbreviations such as 'a.m.' are split"
+    "(n't 's 're 've 'll 'd 'm); brackets become -lrb- -rrb- -lcb- -rcb- (PTB's escapes, lower-cased); "
+    "removed: . , : (kept between digits) ? ! ; quotes ' \" ` and stand-alone/edge - -- ...; other "
+    "symbols kept attached; abbreviations such as 'a.m.' are split"
 )
 
 _UNICODE_PUNCT = str.maketrans(
@@ -61,41 +63,52 @@ _UNICODE_PUNCT = str.maketrans(
 )
 _NEGATION = re.compile(r"(?<=\w)n't\b")
 _CLITIC = re.compile(r"(?<=\w)'(s|re|ve|ll|d|m)\b")
-_ALWAYS_REMOVED = re.compile(r"[?!;\"`()\[\]{}]")
+_ALWAYS_REMOVED = re.compile(r"[?!;\"`]")
+# PTB escapes brackets (normalizeParentheses, normalizeOtherBrackets: [ ] as round ones) and -lowerCase
+# lowercases the escapes, which pycocoevalcap's upper-case removal list then misses: they stay as words
+_BRACKETS = {"(": "-lrb-", "[": "-lrb-", ")": "-rrb-", "]": "-rrb-", "{": "-lcb-", "}": "-rcb-"}
+_BRACKET = re.compile(r"[()\[\]{}]")
 _SEPARATOR = re.compile(r"(?<!\d)[.,:]|[.,:](?!\d)")  # kept only between two digits: 3.5, 1,000, 10:30
 _CLITICS = frozenset({"n't", "'s", "'re", "'ve", "'ll", "'d", "'m"})
+_KEPT_WHOLE = _CLITICS | frozenset(_BRACKETS.values())
 
 
 def tokenize(text: str) -> list[str]:
     """Lowercased caption tokens with punctuation removed -- a Java-free stand-in for pycocoevalcap's PTB step.
 
-    pycocoevalcap tokenises with Stanford's PTBTokenizer (lowercasing) and then drops the tokens
+    pycocoevalcap tokenises with Stanford's PTBTokenizer (``-lowerCase``) and then drops the tokens
     ``'' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ;`` (:data:`PTB_REMOVED_PUNCTUATION`): i.e.
-    quotes, parentheses and braces, sentence punctuation, hyphens/dashes standing alone, ellipses.
-    This function reproduces that:
+    quotes, sentence punctuation, hyphens/dashes standing alone, ellipses. Its bracket entries never
+    match: ``-lowerCase`` lowercases each token after PTB escaping, so ``( )`` come out as
+    ``-lrb- -rrb-`` (braces ``-lcb- -rcb-``, square brackets likewise) and stay in the caption as words.
+    This function reproduces that too (brackets become those words) and the rest:
 
     * lowercase; curly quotes become straight ones, en/em dashes and the ellipsis character become
       ``-``/``--``/``...``; newlines are whitespace;
     * clitics are split off as PTB does and kept as tokens: ``don't -> do n't``, ``can't -> ca n't``,
       ``man's -> man 's`` (also ``'re 've 'll 'd 'm``);
-    * ``? ! ; " ` ( ) [ ] { }`` are removed; ``. , :`` are removed unless between two digits (``3.5``,
+    * brackets become tokens of their own, ``( [ -> -lrb-``, ``) ] -> -rrb-``, ``{ -> -lcb-``,
+      ``} -> -rcb-`` (CoreNLP's mapping of square brackets to round ones: checked against its
+      documentation, not against the 3.4.1 jar pycocoevalcap ships);
+    * ``? ! ; " `` ` are removed; ``. , :`` are removed unless between two digits (``3.5``,
       ``1,000`` and ``10:30`` stay one token, as in PTB);
     * remaining apostrophes and hyphens at a token's edges are stripped (``dogs' -> dogs``, ``-- -> ``);
       inner ones stay (``black-and-white``, ``o'clock``).
 
     Known differences from PTB + pycocoevalcap: PTB keeps abbreviations with their periods (``a.m.``,
-    ``u.s.``), we split them; PTB keeps square brackets as ``-LSB-``/``-RSB-`` tokens (not in the removal
-    list), we drop them; PTB splits some symbols into their own tokens (``$5 -> $ 5``, ``50% -> 50 %``)
-    and escapes ``/`` and ``*``, we leave such symbols attached. These are rare in COCO captions.
+    ``u.s.``), we split them; PTB splits some symbols into their own
+    tokens (``$5 -> $ 5``, ``50% -> 50 %``) and escapes ``/`` and ``*``, we leave such symbols attached.
+    These are rare in COCO captions.
     """
     s = text.translate(_UNICODE_PUNCT).lower()
     s = _NEGATION.sub(" n't", s)
     s = _CLITIC.sub(lambda m: " '" + m.group(1), s)
     s = _ALWAYS_REMOVED.sub(" ", s)
     s = _SEPARATOR.sub(" ", s)
+    s = _BRACKET.sub(lambda m: f" {_BRACKETS[m.group(0)]} ", s)
     tokens: list[str] = []
     for tok in s.split():
-        if tok not in _CLITICS:
+        if tok not in _KEPT_WHOLE:
             tok = tok.strip("'-")
         if tok:
             tokens.append(tok)
@@ -216,14 +229,15 @@ def rouge_l_per_image(
     """Per-image ROUGE-L of pycocoevalcap's ``Rouge.calc_score`` (see :func:`rouge_l`)."""
     scores: dict[Hashable, float] = {}
     for image_id, hyp, refs in _prepare(candidates, references, pretokenized):
-        if not hyp:
-            scores[image_id] = 0.0
-            continue
+        # rouge.py splits with str.split(" "): an empty caption is one empty token, which matches an
+        # empty reference (LCS 1, so P = R = 1) and nothing else
+        hyp = hyp or [""]
         precisions, recalls = [], []
         for ref in refs:
+            ref = ref or [""]
             lcs = _lcs_length(ref, hyp)
             precisions.append(lcs / len(hyp))
-            recalls.append(lcs / len(ref) if ref else 0.0)
+            recalls.append(lcs / len(ref))
         p, r = max(precisions), max(recalls)
         scores[image_id] = (1 + beta**2) * p * r / (r + beta**2 * p) if p != 0 and r != 0 else 0.0
     return scores
@@ -241,8 +255,10 @@ def rouge_l(
     Per image: for every reference, ``P_j = LCS / len(candidate)`` and ``R_j = LCS / len(reference_j)``
     (token-level longest common subsequence); then ``P = max_j P_j`` and ``R = max_j R_j`` *separately*
     (they may come from different references) and ``F = (1 + beta^2) P R / (R + beta^2 P)`` with
-    ``beta = 1.2``; ``F = 0`` if P or R is 0. An empty candidate scores 0 (the original would split it
-    into one empty token, which also gives 0).
+    ``beta = 1.2``; ``F = 0`` if P or R is 0. An empty caption (nothing left after tokenisation) counts as
+    the original's one empty token (``"".split(" ") == [""]``): an empty candidate scores 1 against a set
+    holding an empty reference and 0 otherwise, and an empty reference scores 0 against any non-empty
+    candidate.
     """
     per_image = rouge_l_per_image(candidates, references, beta=beta, pretokenized=pretokenized)
     return sum(per_image.values()) / len(per_image)

@@ -307,10 +307,13 @@ class GPT(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         if attention_mask is None:
             positions = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
+            # a chunk after the cache sees the cache and itself causally (query i at past + i)
             attn_mask = (
                 None
                 if past == 0
-                else torch.ones(B, 1, T, past + T, dtype=torch.bool, device=inputs_embeds.device)
+                else torch.ones(T, past + T, dtype=torch.bool, device=inputs_embeds.device).tril(past)[
+                    None, None
+                ]
             )
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
