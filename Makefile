@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml
 train: install ## train the built-in default on rendered text, then evaluate it (CPU is fine)
 	$(PY) train.py $(ARGS)
 
-test: install ## the default test suite (CPU, no network; slow tests left out)
+test: install ## ruff, then the default test suite (CPU, no network; slow tests left out)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(ARGS)
 
 test-all: install ## every test, the slow ones too (pytest -m slow alone: only those)
