@@ -6,12 +6,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vlm.config import add_data_settings, finalize, quote_integer_options
+from vlm.config import CONFIG_DIR, add_data_settings, finalize, quote_integer_options
 
 sys.argv = [sys.argv[0], *add_data_settings(quote_integer_options(sys.argv[1:]))]
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+# the configs of the imported vlm package: the checkout's conf/, or its installed copy (vlm/config.py)
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     from vlm.training.run import evaluate_checkpoint
 

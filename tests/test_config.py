@@ -70,3 +70,32 @@ def test_every_benchmark_option_instantiates(make_cfg):
     for name in options("benchmark"):
         benchmark = instantiate(make_cfg(f"benchmark={name}", config="eval").benchmark)
         assert benchmark.name == name and benchmark.batch_size > 0
+
+
+@pytest.mark.parametrize(("group", "overlays"), [("encoder", "encoder_sizes"), ("llm", "llm_sizes")])
+def test_every_option_has_an_overlay_per_size(group, overlays):
+    sizes = options("sizes")
+    assert sizes == ["official", "tiny"]
+    have = set(options(overlays))
+    missing = [f"{overlays}/{o}_{s}" for o in options(group) for s in sizes if f"{o}_{s}" not in have]
+    assert not missing
+    assert len(have) == len(options(group)) * len(sizes)  # and no overlay without its option
+
+
+def test_an_option_without_its_size_overlay_stops_composition_naming_it(tmp_path):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONFIG_DIR, conf)
+    shutil.copy(conf / "encoder" / "tiny.yaml", conf / "encoder" / "mine.yaml")
+    shutil.copy(conf / "encoder_sizes" / "tiny_official.yaml", conf / "encoder_sizes" / "mine_official.yaml")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        assert compose("train", ["encoder=mine"]).encoder.depth == 3  # official: the option as it is
+        with pytest.raises(MissingConfigException, match="encoder_sizes/mine_tiny"):
+            compose("train", ["encoder=mine", "sizes=tiny"])
+    GlobalHydra.instance().clear()

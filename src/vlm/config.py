@@ -12,7 +12,28 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def find_config_dir(package_dir: Path | None = None) -> Path:
+    """The Hydra configs for the package at `package_dir` (default: this one, `vlm`).
+
+    Run from a source checkout (an editable install, or `src` on the path) they are the checkout's `conf/`,
+    the source of truth; a regular install (`pip install .`, a wheel) carries a copy as `vlm/conf/`
+    (pyproject.toml maps `conf/` into the package)."""
+    package_dir = Path(__file__).resolve().parent if package_dir is None else Path(package_dir)
+    checkout = package_dir.parent.parent  # <repository>/src/vlm -> <repository>
+    candidates = [package_dir / "conf"]
+    if package_dir.parent.name == "src" and (checkout / "pyproject.toml").is_file():
+        candidates.insert(0, checkout / "conf")
+    for candidate in candidates:
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no Hydra configs (train.yaml) in {' or '.join(map(str, candidates))}: install the package with"
+        " `pip install .` or `pip install -e .` from the repository, whose conf/ it ships as vlm/conf/"
+    )
+
+
+CONFIG_DIR = find_config_dir()
 
 OmegaConf.register_new_resolver(
     "wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online", replace=True

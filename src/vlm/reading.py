@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlm import IMAGE_TOKEN
-from vlm.data.processing import IMAGE_EXTENSIONS, SampleProcessor
+from vlm.data.processing import IMAGE_EXTENSIONS, SampleProcessor, to_device
 from vlm.eval.benchmarks.base import ImageSource, Item
 from vlm.eval.runner import GenerationCollator, GenerationSet
 
@@ -247,11 +247,6 @@ def batches(pages: Sequence[Page], size: int) -> Iterator[list[tuple[int, Page]]
     """(index, page) in runs of `size`."""
     for start in range(0, len(pages), size):
         yield list(enumerate(pages[start : start + size], start))
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A generation batch's tensors (and tiled views) on `device`; lists and counts stay as they are."""
-    return {name: value.to(device) if hasattr(value, "to") else value for name, value in batch.items()}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -416,6 +416,11 @@ def padded(rows: list[Sequence[int]], value: int, left: bool = False) -> tuple[t
     return ids, mask.long()
 
 
+def to_device(batch: dict, device) -> dict:
+    """A collated batch's tensors (and tiled views) on `device`; lists and counts stay as they are."""
+    return {name: value.to(device) if hasattr(value, "to") else value for name, value in batch.items()}
+
+
 class Collator:
     """Samples of `SampleProcessor` -> training tensors (right-padded `input_ids`, `labels` IGNORE_INDEX
     but on answer and eos, `attention_mask`), the left-padded prompts for generation, the images.

@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from vlm.data.longdoc import FACT, VIEW_CONTEXTS, LongDoc, answer_slot, page_texts, text_prompt
-from vlm.data.processing import Collator, SampleProcessor
+from vlm.data.processing import Collator, SampleProcessor, to_device
 from vlm.eval.anls import anls_score
 from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result, empty_for_missing, mean
 from vlm.eval.metrics import cer
@@ -446,7 +446,7 @@ def question_batch(
         for sample, item in zip(samples, items, strict=True):
             sample["answer_ids"] = [*tokenizer.encode(item.answers[0]), tokenizer.eos_id]
     batch = Collator(tokenizer.pad_id)(samples)
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    return to_device(batch, device)  # tiled views too
 
 
 def context_vectors(model, batch: dict) -> torch.Tensor | None:
