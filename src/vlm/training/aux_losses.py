@@ -60,9 +60,8 @@ class CTCHead(nn.Module):
     """CTC over the encoder's feature columns, read left to right, against the answer's tokens.
 
     Trained from scratch, a decoder first learns the language prior, and its gradient pushes the
-    encoder towards an image-independent output (a probe on the default, constant lr 2e-3: the
-    encoder's spread across images fell from 27% to 0.14% of its scale within 25 steps), after which
-    the decoder never learns to read. A CTC loss on the encoder's columns (as in hybrid CTC/attention
+    encoder towards an image-independent output, after which the decoder never learns to read
+    (measured: docs/results.md, "Why the CTC loss"). A CTC loss on the encoder's columns (as in hybrid CTC/attention
     recognisers) keeps its features about the characters from the first step. Each column emits
     `frames_per_column` CTC frames, so a line can hold more characters than the grid has columns.
     Single-line images only (a line of OCR, or a one-line page of `data=longdoc`). Targets in `units`
@@ -98,9 +97,9 @@ class ChunkHead(nn.Module):
     A dense target for every vision token that makes the layout of the tokens canonical: whatever the
     font and its width, token j holds the j-th chunk of k tokens of the text. The decoder then reads
     answer token i from vision token i // k, which (with `model.vision_position_stride` = k) sits at
-    a fixed distance behind it. On the default recipe this took val CER at step 1000 from 0.72 to 0.52
-    (docs/architecture.md). Targets: see `answer_targets`, in `units` as for `CTCHead` (k bytes per
-    token by default).
+    a fixed distance behind it (what it did for the default recipe: README, "How the recipe got
+    there"). Targets: see `answer_targets`, in `units` as for `CTCHead` (k bytes per token by
+    default).
     """
 
     def __init__(self, token_dim: int, chunk_tokens: int, tokenizer, units: str = "bytes") -> None:
