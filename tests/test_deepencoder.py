@@ -55,7 +55,12 @@ def tiny_encoder(mode: str = "tiny", window_only: bool = False, **kwargs) -> Dee
 
 def vlm(encoder: DeepEncoder, width: int = 64, resampler=Identity) -> VisionLanguageModel:
     return VisionLanguageModel(
-        encoder, resampler, projectors.linear, build_gpt(n_layer=1, n_head=2, n_embd=width)
+        encoder,
+        resampler,
+        projectors.linear,
+        build_gpt(
+            n_layer=1, n_head=2, n_embd=width, tokenizer="bytes", position_unit="token", spelled_head=False
+        ),
     )
 
 
@@ -131,7 +136,10 @@ def test_full_size_names_and_shapes_equal_the_released_checkpoint():
     shapes = {t["name"]: tuple(t["shape"]) for t in released["tensors"]}
     with torch.device("meta"):
         model = VisionLanguageModel(
-            DeepEncoder(), Identity, projectors.linear, build_gpt(n_layer=1, n_embd=1280)
+            DeepEncoder(),
+            Identity,
+            projectors.linear,
+            build_gpt(n_layer=1, n_embd=1280, tokenizer="bytes", position_unit="token", spelled_head=False),
         )
     ours = {"model." + name: tuple(t.shape) for name, t in model.encoder.state_dict().items()}
     ours |= {name: tuple(model.get_parameter(own).shape) for name, own in COMPANIONS.items()}

@@ -27,7 +27,15 @@ def tiny_llm(backend: str):
     a spelled output head, as llm=tiny; `gpt_bpe_wpe`: and learned positions), or a transformers Llama
     behind `HFCausalLM`."""
     if backend == "gpt":
-        return build_gpt(n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+        return build_gpt(
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            n_embd=64,
+            tokenizer="bytes",
+            position_unit="token",
+            spelled_head=False,
+        )
     if backend in ("gpt_bpe", "gpt_bpe_wpe"):
         with tokenizer_from_checkpoint(small_bpe()):
             return build_gpt(

@@ -97,6 +97,33 @@ def test_documents_overflow_the_bpe_window_twice_and_their_pages_fit_it(make_cfg
     assert max(len(tokenizer.encode("\n" + source.question.format(name=n))) for n in NAMES) <= 15
 
 
+def test_text_pretraining_reads_its_documents_whole_with_every_follow_up(make_cfg):
+    """longdoc_arm=text_pretraining's comments: its longest documents fit the text view whole, and the
+    three follow-up questions with their values fit after the answer (measured with the real BPE)."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("experiment=longdoc_bpe_cpu", "longdoc_arm=text_pretraining", tiny=False)
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    tokenizer, window = model.tokenizer, cfg.max_length
+    source = instantiate(cfg.data.source, workers=1)
+    proc = SampleProcessor(tokenizer, model.encoder.preprocessing, model.vision_tokens_per_image, window)
+    encode = lambda prompt: proc.encode_prompt(prompt, 0)  # noqa: E731
+    slot = answer_slot(tokenizer, source.values())
+    for i in range(8):
+        doc = source.document("train", f"longest{i}", length=source.max_chars)
+        answer = doc.answer
+        prompt, kept = text_prompt(doc.text, source.question.format(name=answer.name), encode, window - slot)
+        assert kept == len(doc.text)  # nothing cut
+        follow_ups = sum(
+            len(tokenizer.encode("\n" + source.question.format(name=f.name) + f.value)) + 1
+            for f in doc.facts
+            if f is not answer
+        )
+        used = len(encode(prompt)) + len(tokenizer.encode(answer.value)) + 1 + follow_ups
+        assert used <= window, (used, window)
+
+
 def test_every_arm_composes_with_its_context_view_and_window(make_cfg):
     views = {}
     for arm in ARMS:
@@ -118,7 +145,6 @@ def test_every_arm_composes_with_its_context_view_and_window(make_cfg):
         True,
         1.0,
     )
-    assert pre.data.source.max_chars < pre.max_length  # < 1 BPE token per character: nothing is cut
 
 
 # -------------------------------------------------------------------------- text arms over several pages

@@ -16,7 +16,9 @@ def tiny_vlm(resampler=None) -> VisionLanguageModel:
         TinyEncoder((32, 128), dim=32, depth=1, heads=2, stages=3),
         resampler or functools.partial(PixelShuffle, factor=4),
         functools.partial(projectors.mlp, layernorm=True),
-        build_gpt(n_layer=2, n_head=2, n_embd=64),
+        build_gpt(
+            n_layer=2, n_head=2, n_embd=64, tokenizer="bytes", position_unit="token", spelled_head=False
+        ),
     )
 
 
@@ -33,7 +35,7 @@ def test_placeholder_count_follows_from_the_parts():
     [
         (functools.partial(Identity), 64, 32),
         (functools.partial(PixelShuffle, factor=2), 16, 128),
-        (functools.partial(AvgPool, grid=(1, 8)), 8, 32),
+        (functools.partial(AvgPool, tokens=None, grid=(1, 8)), 8, 32),
         (functools.partial(Perceiver, num_queries=5, depth=1, heads=2), 5, 32),
     ],
 )
@@ -120,7 +122,7 @@ def test_avgpool_to_a_token_count_keeps_the_aspect_ratio(grid, tokens, out):
 
 def test_avgpool_averages_neighbourhoods():
     x = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, one channel
-    out = AvgPool(1, grid=(2, 2))(x, (4, 4))
+    out = AvgPool(1, tokens=None, grid=(2, 2))(x, (4, 4))
     assert out.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # mean of (0,1,4,5), (2,3,6,7), ...
 
 

@@ -29,7 +29,7 @@ import json
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vlm import IMAGE_TOKEN
@@ -121,6 +121,8 @@ class LongDoc(RenderedShards):
     facts_per_doc: int = 1
     value_digits: int = 3
     question: str = QUESTION  # {name}: the asked fact's name
+    fonts: list[str] = field(default_factory=lambda: ["DejaVuSans"])  # one font and size by default
+    font_sizes: list[int] = field(default_factory=lambda: [13])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -398,7 +400,7 @@ class LongDocDataModule(ShardDataModule):
         processor_factory,
         pad_id: int,
         source: LongDoc,
-        view: str = "vision",
+        view: str = "both",
         text_share: float = 0.5,
         follow_ups: bool = False,
         **kwargs,

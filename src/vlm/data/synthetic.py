@@ -43,7 +43,7 @@ class RenderedShards:
     num_train: int = 32000
     num_val: int = 512
     num_test: int = 512
-    samples_per_shard: int = 1000
+    samples_per_shard: int = 500
     fonts: list[str] = field(default_factory=lambda: ["DejaVuSans", "DejaVuSerif", "DejaVuSansMono"])
     font_sizes: list[int] = field(default_factory=lambda: [13, 14, 15])
     seed: int = 0

@@ -10,7 +10,7 @@ def linear(in_dim: int, out_dim: int, bias: bool = True) -> nn.Module:
     return nn.Linear(in_dim, out_dim, bias=bias)
 
 
-def mlp(in_dim: int, out_dim: int, hidden_dim: int | None = None, layernorm: bool = False) -> nn.Module:
+def mlp(in_dim: int, out_dim: int, hidden_dim: int | None = None, layernorm: bool = True) -> nn.Module:
     """Two layers with GELU, optionally a LayerNorm on the input."""
     hidden_dim = hidden_dim or out_dim
     layers = [nn.LayerNorm(in_dim)] if layernorm else []

@@ -93,7 +93,8 @@ class PixelShuffle(Resampler):
 
 
 class AvgPool(Resampler):
-    """Average-pool the token grid down to `tokens` tokens, or to an explicit `grid: [rows, cols]`.
+    """Average-pool the token grid down to `tokens` tokens, or to an explicit `grid: [rows, cols]` (with
+    `tokens=None`: resampler.tokens=null resampler.grid=[rows,cols]).
 
     For `tokens`, the output grid is the factorisation rows x cols = tokens that fits in the input grid
     and is closest to its aspect ratio (16 tokens: 4x4 from 32x32, 1x16 from 2x32).
@@ -102,11 +103,12 @@ class AvgPool(Resampler):
     option = "resampler=avgpool"
     needs_spatial_grid = True
 
-    def __init__(self, in_dim: int, tokens: int | None = None, grid: Grid | None = None) -> None:
+    def __init__(self, in_dim: int, tokens: int | None = 16, grid: Grid | None = None) -> None:
         super().__init__()
         if (tokens is None) == (grid is None):
             raise ValueError(
                 f"resampler=avgpool needs exactly one of `tokens` or `grid`, got tokens={tokens}, grid={grid}"
+                " (a grid goes with tokens=null)"
             )
         self.tokens = tokens
         self.grid = tuple(grid) if grid is not None else None
@@ -155,7 +157,7 @@ class Perceiver(Resampler):
 
     option = "resampler=perceiver"
 
-    def __init__(self, in_dim: int, num_queries: int = 64, depth: int = 2, heads: int = 8) -> None:
+    def __init__(self, in_dim: int, num_queries: int = 16, depth: int = 2, heads: int = 4) -> None:
         super().__init__()
         if in_dim % heads:
             raise ValueError(

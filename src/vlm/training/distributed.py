@@ -1,6 +1,6 @@
 """Trainer arguments that depend on the built model: the FSDP strategy and its gradient clipping.
 
-`trainer=fsdp` names the strategy `fsdp` and adds a `trainer.fsdp` block of options. The wrap policy needs
+`trainer=fsdp` names the strategy `fsdp`; its options are the `trainer.fsdp` block (conf/trainer/default.yaml). The wrap policy needs
 the classes of the model's transformer blocks, known only once the parts are built (the encoder and the LLM
 report them as `block_classes`), so the strategy is built here from the instantiated module instead of by a
 YAML `_target_`. Every other strategy (`ddp`, `auto`, ...) goes to Lightning as configured: frozen parameters

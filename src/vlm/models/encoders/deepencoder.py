@@ -15,9 +15,11 @@ The projector and the layout vectors that follow the encoder in DeepSeek-OCR bel
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -311,6 +313,19 @@ class ClipEncoder(nn.Module):
 # -- the encoder --------------------------------------------------------------------------------------
 
 
+def keyword_defaults(cls: type, *leave_out: str) -> Mapping:
+    """`cls`'s constructor defaults, read-only: the official sizes DeepEncoder passes on (conf/encoder/
+    deepencoder.yaml spells out the same values)."""
+    parameters = inspect.signature(cls).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty and p.name not in leave_out}
+    return MappingProxyType(defaults)
+
+
+SAM_B = keyword_defaults(SamEncoder)
+CLIP_L = keyword_defaults(ClipEncoder)
+GUNDAM_TILING = keyword_defaults(Tiling, "tokens_per_tile", "newline")  # DeepEncoder sets those two
+
+
 class DeepEncoder(VisionEncoder):
     """SAM -> compressor -> CLIP, fused to 2 x `clip.width` channels; one token per 64x64 pixels.
 
@@ -326,10 +341,10 @@ class DeepEncoder(VisionEncoder):
     def __init__(
         self,
         mode: str = "base",
-        sam: Mapping | None = None,
-        clip: Mapping | None = None,
+        sam: Mapping | None = SAM_B,
+        clip: Mapping | None = CLIP_L,
         layout_tokens: bool = True,
-        tiling: Mapping | None = None,
+        tiling: Mapping | None = GUNDAM_TILING,
         pretrained: str | None = None,
         activation_checkpointing: bool = False,
     ) -> None:

@@ -20,7 +20,9 @@ the head is removed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import timm
 import torch
@@ -45,7 +47,8 @@ class SigLIPEncoder(VisionEncoder):
 
     `feature_layer=-1` takes the last block after the final norm; `-2` the penultimate block's output
     without it (LLaVA's choice), and so on; the blocks after it are dropped, not run.
-    `model_kwargs` go to `timm.create_model` (e.g. `depth`, `embed_dim` for test sizes).
+    `model_kwargs` go to `timm.create_model` (e.g. `depth`, `embed_dim` for test sizes). `pretrained`: the
+    weights (module docstring; the default `webli` is timm's tag for the SigLIP ViTs), None for fresh ones.
     """
 
     option = "encoder=siglip"
@@ -54,10 +57,10 @@ class SigLIPEncoder(VisionEncoder):
         self,
         model_name: str = "vit_base_patch16_siglip_512",
         image_size: int | tuple[int, int] | None = None,
-        pretrained: str | None = None,
+        pretrained: str | None = "webli",
         feature_layer: int = -1,
         resize: str = "resize",
-        model_kwargs: dict | None = None,
+        model_kwargs: Mapping | None = MappingProxyType({}),
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()

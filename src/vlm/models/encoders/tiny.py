@@ -45,7 +45,7 @@ class TinyEncoder(VisionEncoder):
         self,
         image_size: tuple[int, int] = (32, 512),
         dim: int = 192,
-        depth: int = 2,
+        depth: int = 3,
         heads: int = 4,
         stages: int = 4,
         resize: str = "resize",

@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -345,6 +346,9 @@ class GPT(nn.Module):
 
 _checkpoint_tokenizer: ContextVar[BPETokenizer | None] = ContextVar("checkpoint_tokenizer", default=None)
 
+# llm.lora's default (conf/llm/shared/lora.yaml): r = 0, no adapters
+NO_LORA = MappingProxyType({"r": 0, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"})
+
 
 @contextlib.contextmanager
 def tokenizer_from_checkpoint(tokenizer: BPETokenizer | None) -> Iterator[None]:
@@ -359,8 +363,8 @@ def tokenizer_from_checkpoint(tokenizer: BPETokenizer | None) -> Iterator[None]:
 
 
 def build_gpt(
-    tokenizer: str = "bytes",
-    tokenizer_vocab_size: int = 8192,
+    tokenizer: str = "bpe",
+    tokenizer_vocab_size: int = 1024,
     tokenizer_dir: str = "data/tokenizers",
     vocab_size: int | None = None,
     sequence_len: int = 1024,
@@ -368,10 +372,10 @@ def build_gpt(
     n_head: int = 4,
     n_kv_head: int | None = None,
     n_embd: int = 256,
-    position_unit: str = "token",
-    spelled_head: bool = False,
+    position_unit: str = "byte",
+    spelled_head: bool = True,
     learned_positions: int = 0,
-    lora: dict | None = None,
+    lora: Mapping | None = NO_LORA,
 ) -> GPT:
     """A freshly initialised GPT (Hydra entry point of `llm=tiny`) with the tokenizer `tokenizer` names:
     `bytes`, or `bpe` trained on the built-in corpus with `tokenizer_vocab_size` ids and cached in
@@ -381,7 +385,9 @@ def build_gpt(
     `spelled_head`: `SpelledHead` as the output head. `learned_positions` > 0: a learned embedding of
     each position id below it added to the input, as GPT-2's (rotary alone gives a token no feature of
     where it stands; a reader of dense vision tokens needs its offset within one).
-    `lora` (r > 0): LoRA adapters on the linear layers, the rest frozen."""
+    `lora` (r > 0): LoRA adapters on the linear layers, the rest frozen. The defaults are llm=tiny's
+    (conf/llm/tiny.yaml); `bpe` trains its tokenizer on first use (cached in `tokenizer_dir`), `bytes` needs
+    none."""
     tok = _checkpoint_tokenizer.get() or make_tokenizer(tokenizer, tokenizer_vocab_size, tokenizer_dir)
     config = GPTConfig(
         sequence_len=sequence_len,
