@@ -7,13 +7,13 @@ import torch
 from PIL import Image
 
 from vlm import IGNORE_INDEX
+from vlm.contracts import ImagePreprocessing
 from vlm.data import corpus
 from vlm.data.datamodule import ShardStream
 from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.render import RenderStyle, render
 from vlm.data.shards import expand_urls, write_shards
 from vlm.data.synthetic import SyntheticText
-from vlm.models.encoders.base import ImagePreprocessing
 from vlm.models.llms.tokenizer import ByteTokenizer
 
 

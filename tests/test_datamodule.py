@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tests.conftest import TINY_MODEL, run_cli
+from vlm.contracts import ImagePreprocessing
 from vlm.data.datamodule import (
     DataReport,
     ShardDataModule,
@@ -25,7 +26,6 @@ from vlm.data.datamodule import (
 )
 from vlm.data.processing import SampleProcessor, SkipCounter
 from vlm.data.shards import write_index, write_shards
-from vlm.models.encoders.base import ImagePreprocessing
 from vlm.models.llms.tokenizer import ByteTokenizer
 
 BAD_REASONS = ("corrupt_image", "missing_image", "malformed_json", "empty_text", "truncated_tar")

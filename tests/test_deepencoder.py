@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY_DATA, run_cli
+from vlm.contracts import TiledViews, Tiling
 from vlm.data.processing import Collator, ImageProcessor, SampleProcessor
 from vlm.models import projectors
-from vlm.models.encoders.base import TiledViews, Tiling
 from vlm.models.encoders.deepencoder import COMPANIONS, DeepEncoder
 from vlm.models.llms.gpt import build_gpt
 from vlm.models.pretrained import CheckpointMismatchError

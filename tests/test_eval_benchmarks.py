@@ -386,10 +386,10 @@ def test_scores_tables_and_plots_reach_an_offline_wandb_run(tmp_path, data_dir):
 def test_generation_prompts_carry_the_tiles_of_a_tiling_encoder():
     """DeepEncoder's gundam mode: a page gets a global view plus tiles, and the prompt one image token
     per position of both, exactly as in training."""
+    from vlm.contracts import ImagePreprocessing, TiledViews, Tiling
     from vlm.data.processing import SampleProcessor
     from vlm.eval.benchmarks.base import Item
     from vlm.eval.runner import GenerationSet
-    from vlm.models.encoders.base import ImagePreprocessing, TiledViews, Tiling
     from vlm.models.llms.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()

@@ -12,9 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.steps import make_batch, train_step
 from vlm import IMAGE_TOKEN
+from vlm.contracts import ImagePreprocessing
 from vlm.data.processing import SampleProcessor
 from vlm.generation import generate
-from vlm.models.encoders.base import ImagePreprocessing
 from vlm.models.llms.hf import HFCausalLM, build_bytes_tokenizer, build_hf_llm
 from vlm.models.pretrained import CheckpointMismatchError
 from vlm.training.module import VLMModule

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vlm import IMAGE_TOKEN
+from vlm.contracts import ImagePreprocessing
 from vlm.data.datamodule import ShardStream, read_shards
 from vlm.data.longdoc import FACT, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
 from vlm.data.processing import BadSample, Collator, SampleProcessor, SkipCounter
@@ -18,7 +19,6 @@ from vlm.data.render import load_font, random_style, render
 from vlm.data.shards import expand_urls, to_tar_entry, write_shards
 from vlm.eval.benchmarks.base import Item, shard_items
 from vlm.eval.runner import GenerationCollator, GenerationSet
-from vlm.models.encoders.base import ImagePreprocessing
 from vlm.models.llms.tokenizer import ByteTokenizer
 from vlm.text_accounting import TextAccounting
 from vlm.training.run import evaluate_checkpoint, train

@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from tests.conftest import run_cli
 from tests.helpers import OCR_ENGINES_MISSING
 from vlm import IMAGE_TOKEN
+from vlm.contracts import ImagePreprocessing
 from vlm.data.datamodule import read_shards
 from vlm.data.longdoc import NAMES, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
 from vlm.data.processing import BadSample, Collator, SampleProcessor
@@ -24,7 +25,6 @@ from vlm.eval.benchmarks.base import Context
 from vlm.eval.benchmarks.longdoc import LongDocBenchmark, ocr_document
 from vlm.eval.longdoc_table import main as table_main
 from vlm.eval.longdoc_table import two_level_interval, write_table
-from vlm.models.encoders.base import ImagePreprocessing
 from vlm.models.llms.tokenizer import ByteTokenizer
 from vlm.training.module import VLMModule
 

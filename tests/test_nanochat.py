@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from tests.steps import make_batch, train_step
 from vlm import IMAGE_TOKEN
+from vlm.contracts import ImagePreprocessing
 from vlm.data.processing import SampleProcessor
-from vlm.models.encoders.base import ImagePreprocessing
 from vlm.models.llms.gpt import GPT, GPTConfig
 from vlm.models.llms.nanochat import build_nanochat, load_checkpoint, load_tokenizer
 from vlm.models.llms.tokenizer import (

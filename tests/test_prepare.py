@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from vlm.contracts import ImagePreprocessing
 from vlm.data import prepare
 from vlm.data.processing import SampleProcessor
 from vlm.data.shards import expand_urls
@@ -20,7 +21,6 @@ from vlm.data.sources.coco import prepare_coco
 from vlm.data.sources.docvqa import prepare_docvqa
 from vlm.data.sources.olmocr import prepare_olmocr
 from vlm.data.sources.text import prepare_text
-from vlm.models.encoders.base import ImagePreprocessing
 from vlm.models.llms.tokenizer import ByteTokenizer
 
 QUIET = {"progress": False}

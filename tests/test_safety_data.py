@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 
 from tests.test_datamodule import png, processor, samples
+from vlm.contracts import ImagePreprocessing
 from vlm.data.datamodule import ReadLimits, ShardDataModule, ShardStream, count_samples, read_shards
 from vlm.data.images import open_image, to_rgb
 from vlm.data.processing import BadSample, ImageProcessor, SkipCounter, load_record
 from vlm.data.shards import tar_keys, to_tar_entry, write_shards
-from vlm.models.encoders.base import ImagePreprocessing
 
 GiB = 2**30
 

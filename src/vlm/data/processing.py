@@ -16,9 +16,8 @@ import torch
 from PIL import Image, ImageOps
 
 from vlm import IGNORE_INDEX, IMAGE_TOKEN
+from vlm.contracts import CONTEXTS, IN_PROMPT, ImagePreprocessing, TiledViews
 from vlm.data.images import ImageTooLarge, open_image, to_rgb
-from vlm.models.context import CONTEXTS, IN_PROMPT
-from vlm.models.encoders.base import ImagePreprocessing, TiledViews
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")

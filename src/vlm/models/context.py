@@ -21,10 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONTEXTS = ("vision", "text_meanpool", "text_conv", "truncate", "full_text")
-COMPRESSED = ("text_meanpool", "text_conv")  # vectors in the K placeholder positions, through the projector
-IN_PROMPT = ("truncate", "full_text")  # the text's token ids in the prompt instead of placeholders
-
 
 def segment_means(embeds: torch.Tensor, lengths: torch.Tensor, segments: int) -> torch.Tensor:
     """(N, L, D) right-padded rows of `lengths` vectors -> (N, segments, D): each row averaged over

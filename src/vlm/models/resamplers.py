@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Grid = tuple[int, int]
+from vlm.contracts import Grid
 
 
 def common_divisors(a: int, b: int) -> list[int]:

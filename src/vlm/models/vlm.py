@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from vlm.models.context import COMPRESSED, CONTEXTS, IN_PROMPT
-from vlm.models.encoders.base import TiledViews, VisionEncoder
+from vlm.contracts import COMPRESSED, CONTEXTS, IN_PROMPT, TiledViews
+from vlm.models.encoders.base import VisionEncoder
 from vlm.models.projectors import WithLayout
 from vlm.models.resamplers import Resampler
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.autograd.graph import register_multi_grad_hook
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlm.models.encoders.base import TiledViews
+from vlm.contracts import TiledViews
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -13,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vlm import IGNORE_INDEX
+from vlm.contracts import IN_PROMPT
 from vlm.eval.metrics import corpus_cer, exact_match
 from vlm.generation import GenerationConfig, generate
-from vlm.models.context import IN_PROMPT
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.aux_losses import ChunkHead, CTCHead
 from vlm.training.optim import param_groups, warmup_cosine

@@ -47,12 +47,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vlm.contracts import ImagePreprocessing
 from vlm.data.longdoc import FACT, VIEW_CONTEXTS, LongDoc, answer_slot, page_texts, text_prompt
 from vlm.data.processing import Collator, SampleProcessor, to_device
 from vlm.eval.anls import anls_score
 from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result, empty_for_missing, mean
 from vlm.eval.metrics import cer
-from vlm.models.encoders.base import ImagePreprocessing
 from vlm.text_accounting import TextAccounting, llm_tokenizer_name
 
 log = logging.getLogger(__name__)

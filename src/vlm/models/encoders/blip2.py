@@ -21,7 +21,8 @@ from torch import nn
 from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer, Blip2QFormerLayer
 
-from vlm.models.encoders.base import ImagePreprocessing, VisionEncoder
+from vlm.contracts import ImagePreprocessing
+from vlm.models.encoders.base import VisionEncoder
 from vlm.models.pretrained import checkpoint_dir, load_strict, read_tensors
 
 log = logging.getLogger(__name__)

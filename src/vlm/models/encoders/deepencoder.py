@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlm.models.encoders.base import ImagePreprocessing, TiledViews, Tiling, VisionEncoder
+from vlm.contracts import ImagePreprocessing, TiledViews, Tiling
+from vlm.models.encoders.base import VisionEncoder
 from vlm.models.pretrained import load_strict, read_tensors
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from vlm.models.encoders.base import ImagePreprocessing, VisionEncoder
+from vlm.contracts import ImagePreprocessing
+from vlm.models.encoders.base import VisionEncoder
 from vlm.models.pretrained import download_file, load_strict, read_checkpoint_file
 
 log = logging.getLogger(__name__)

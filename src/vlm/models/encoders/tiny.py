@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.models.encoders.base import ImagePreprocessing, VisionEncoder
+from vlm.contracts import ImagePreprocessing
+from vlm.models.encoders.base import VisionEncoder
 
 
 class EncoderBlock(nn.Module):
