@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vlm import IMAGE_TOKEN
-from vlm.checkpoint import UnreadableCheckpointError, load_module, read_lightning_checkpoint
-from vlm.data.corpus import SPLITS, paragraphs_for
+from vlm.checkpoint import UnreadableCheckpointError, read_lightning_checkpoint
+from vlm.corpus import SPLITS, paragraphs_for
 from vlm.models.llms import tokenizer as tokenizers
 from vlm.models.llms.tokenizer import (
     BPETokenizer,
@@ -17,6 +17,7 @@ from vlm.models.llms.tokenizer import (
     make_tokenizer,
     train_bpe,
 )
+from vlm.training.checkpointing import load_module
 from vlm.training.module import VLMModule
 from vlm.training.run import evaluate_checkpoint, train
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm import IGNORE_INDEX
+from vlm import IGNORE_INDEX, corpus
 from vlm.contracts import ImagePreprocessing
-from vlm.data import corpus
 from vlm.data.datamodule import ShardStream
 from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.render import RenderStyle, render

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm.checkpoint import init_parts, load_weights_only
+from vlm.checkpoint import load_weights_only
 from vlm.models.pretrained import CheckpointMismatchError
+from vlm.training.checkpointing import init_parts
 from vlm.training.module import VLMModule
 
 

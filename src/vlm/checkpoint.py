@@ -10,6 +10,10 @@ The run config saved in a Lightning checkpoint (`hyper_parameters.cfg`) is rebui
 LoRA merge: its `model` and `data` are instantiated. Before that, every `_target_` in them must be a
 class or function of the `vlm` package, and no string may be an interpolation (a saved config is
 resolved) or a URL that webdataset hands to a shell (`pipe:`).
+
+This module needs torch alone (the models load their pretrained files through it); rebuilding a
+VLMModule from a checkpoint, or parts of one (`init_from`), is the training layer's
+(`vlm.training.checkpointing`).
 """
 
 from __future__ import annotations
@@ -19,14 +23,10 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from pickle import UnpicklingError
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
-
-if TYPE_CHECKING:
-    from vlm.models.llms.tokenizer import BPETokenizer
-    from vlm.training.module import VLMModule
 
 BUILT_FROM_CONFIG = ("model", "data")  # the parts of a saved run config that are instantiated
 PROJECT_PACKAGE = "vlm"
@@ -74,67 +74,6 @@ def read_lightning_checkpoint(file: str | Path) -> dict:
         )
     check_saved_config(cfg, str(file))
     return checkpoint
-
-
-def load_module(file: str | Path, checkpoint: dict | None = None) -> VLMModule:
-    """The VLMModule of a train.py checkpoint (`checkpoint`: the file already read), rebuilt from its
-    checked config and the tokenizer it holds (if any), its weights loaded strictly."""
-    from vlm.models.llms.gpt import tokenizer_from_checkpoint
-    from vlm.models.pretrained import load_strict
-    from vlm.training.module import VLMModule
-
-    checkpoint = checkpoint if checkpoint is not None else read_lightning_checkpoint(file)
-    with tokenizer_from_checkpoint(saved_tokenizer(checkpoint, str(file))):
-        module = VLMModule(checkpoint["hyper_parameters"]["cfg"])
-    load_strict(module, checkpoint["state_dict"], "", str(file))
-    return module
-
-
-def init_parts(module: VLMModule, file: str | Path, parts: list[str]) -> None:
-    """Start `parts` of `module`'s model (names among encoder, resampler, projector, llm; `all`: every one)
-    from the weights of the train.py checkpoint `file`, each loaded strictly (`load_strict`): a missing,
-    unexpected or mis-shaped key is an error naming it. A checkpoint whose tokenizer differs from the
-    model's is refused when `llm` is among the parts (its ids would mean other strings)."""
-    from vlm.models.pretrained import load_strict
-    from vlm.training.module import PARTS
-
-    parts = list(PARTS) if list(parts) == ["all"] else list(parts)
-    unknown = [part for part in parts if part not in PARTS]
-    if unknown or not parts:
-        raise ValueError(f"init_from.parts={parts}: expected some of {', '.join(PARTS)}, or [all]")
-    checkpoint = read_lightning_checkpoint(file)
-    if "llm" in parts:
-        to_json = getattr(module.model.tokenizer, "to_json", None)
-        saved = checkpoint.get("tokenizer")
-        if (to_json() if to_json else None) != saved:
-            raise ValueError(
-                f"init_from.ckpt={file}: its tokenizer is not this run's LLM tokenizer, so its LLM's "
-                "token ids would mean other strings; train it with the same llm.tokenizer settings"
-            )
-    state = checkpoint["state_dict"]
-    for part in parts:
-        prefix = f"model.{part}."
-        load_strict(
-            module.model.get_submodule(part),
-            {name: tensor for name, tensor in state.items() if name.startswith(prefix)},
-            prefix,
-            f"{file} ({part})",
-        )
-
-
-def saved_tokenizer(checkpoint: dict, source: str) -> BPETokenizer | None:
-    """The tokenizer saved in a checkpoint (`VLMModule.on_save_checkpoint`), or None when it has none."""
-    from vlm.models.llms.tokenizer import BPETokenizer
-
-    saved = checkpoint.get("tokenizer")
-    if saved is None:
-        return None
-    try:
-        return BPETokenizer.from_json(saved)
-    except Exception as error:  # tokenizers raises a bare Exception for a malformed file
-        raise UnreadableCheckpointError(
-            f"{source}: its saved tokenizer is not a BPE tokenizer's JSON: {error}"
-        ) from error
 
 
 def check_saved_config(cfg: Mapping, source: str) -> None:

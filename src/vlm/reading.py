@@ -117,9 +117,9 @@ class Reading:
 
 # -- the checkpoint -------------------------------------------------------------------------------
 def load_reader(ckpt: str | Path, device: str = "auto") -> VLMModule:
-    """The checkpoint's VLMModule (`vlm.checkpoint.load_module`: weights-only, strict), in eval mode on
+    """The checkpoint's VLMModule (`vlm.training.checkpointing.load_module`: weights-only, strict), in eval mode on
     `device` (`auto`: the GPU when there is one)."""
-    from vlm.checkpoint import load_module
+    from vlm.training.checkpointing import load_module
 
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt {ckpt} is not a file")

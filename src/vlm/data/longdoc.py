@@ -2,7 +2,7 @@
 
 The question the project exists for: can a small LLM answer about a document far longer than its
 context window when the document comes as pages compressed into vision tokens? `LongDoc` builds
-documents from the offline prose corpus (`vlm.data.corpus`) with `facts_per_doc` statements "The code
+documents from the offline prose corpus (`vlm.corpus`) with `facts_per_doc` statements "The code
 of <name> is <value>." planted at random sentence boundaries (names from `NAMES`, values of
 `value_digits` digits, unique within a document), asks about one of them ("What is the code of
 <name>?", the value as the exact answer), and renders the document into as many pages of `image_size`
@@ -32,8 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from vlm import IMAGE_TOKEN
-from vlm.data import corpus
+from vlm import IMAGE_TOKEN, corpus
 from vlm.data.datamodule import ShardDataModule, stable_seed
 from vlm.data.processing import BadSample, SampleProcessor, load_record
 from vlm.data.render import TextDoesNotFit, line_layout, load_font, random_style, render, wrap

@@ -22,7 +22,7 @@ from typing import ClassVar
 from PIL import Image
 from tqdm import tqdm
 
-from vlm.data import corpus
+from vlm import corpus
 from vlm.data.render import TextDoesNotFit, find_font, random_style, render
 from vlm.data.shards import INDEX_FILE, read_index, write_index, write_shards
 

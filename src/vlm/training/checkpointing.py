@@ -14,7 +14,7 @@ import csv
 import io
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -27,8 +27,14 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from vlm.checkpoint import load_weights_only
+from vlm.checkpoint import UnreadableCheckpointError, load_weights_only, read_lightning_checkpoint
 from vlm.files import atomic_write
+from vlm.models.llms.gpt import tokenizer_from_checkpoint
+from vlm.models.llms.tokenizer import BPETokenizer
+from vlm.models.pretrained import load_strict
+
+if TYPE_CHECKING:
+    from vlm.training.module import VLMModule
 
 log = logging.getLogger(__name__)
 
@@ -148,3 +154,60 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuedWriter(self.log_dir, keep_before=self.resume_step)
         return self._experiment
+
+
+# -- what a checkpoint gives back ----------------------------------------------------------------
+def load_module(file: str | Path, checkpoint: dict | None = None) -> VLMModule:
+    """The VLMModule of a train.py checkpoint (`checkpoint`: the file already read), rebuilt from its
+    checked config and the tokenizer it holds (if any), its weights loaded strictly."""
+    from vlm.training.module import VLMModule
+
+    checkpoint = checkpoint if checkpoint is not None else read_lightning_checkpoint(file)
+    with tokenizer_from_checkpoint(saved_tokenizer(checkpoint, str(file))):
+        module = VLMModule(checkpoint["hyper_parameters"]["cfg"])
+    load_strict(module, checkpoint["state_dict"], "", str(file))
+    return module
+
+
+def init_parts(module: VLMModule, file: str | Path, parts: list[str]) -> None:
+    """Start `parts` of `module`'s model (names among encoder, resampler, projector, llm; `all`: every one)
+    from the weights of the train.py checkpoint `file`, each loaded strictly (`load_strict`): a missing,
+    unexpected or mis-shaped key is an error naming it. A checkpoint whose tokenizer differs from the
+    model's is refused when `llm` is among the parts (its ids would mean other strings)."""
+    from vlm.training.module import PARTS
+
+    parts = list(PARTS) if list(parts) == ["all"] else list(parts)
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"init_from.parts={parts}: expected some of {', '.join(PARTS)}, or [all]")
+    checkpoint = read_lightning_checkpoint(file)
+    if "llm" in parts:
+        to_json = getattr(module.model.tokenizer, "to_json", None)
+        saved = checkpoint.get("tokenizer")
+        if (to_json() if to_json else None) != saved:
+            raise ValueError(
+                f"init_from.ckpt={file}: its tokenizer is not this run's LLM tokenizer, so its LLM's "
+                "token ids would mean other strings; train it with the same llm.tokenizer settings"
+            )
+    state = checkpoint["state_dict"]
+    for part in parts:
+        prefix = f"model.{part}."
+        load_strict(
+            module.model.get_submodule(part),
+            {name: tensor for name, tensor in state.items() if name.startswith(prefix)},
+            prefix,
+            f"{file} ({part})",
+        )
+
+
+def saved_tokenizer(checkpoint: dict, source: str) -> BPETokenizer | None:
+    """The tokenizer saved in a checkpoint (`VLMModule.on_save_checkpoint`), or None when it has none."""
+    saved = checkpoint.get("tokenizer")
+    if saved is None:
+        return None
+    try:
+        return BPETokenizer.from_json(saved)
+    except Exception as error:  # tokenizers raises a bare Exception for a malformed file
+        raise UnreadableCheckpointError(
+            f"{source}: its saved tokenizer is not a BPE tokenizer's JSON: {error}"
+        ) from error

@@ -14,8 +14,8 @@ from torch import nn
 
 from vlm import IGNORE_INDEX
 from vlm.contracts import IN_PROMPT
-from vlm.eval.metrics import corpus_cer, exact_match
 from vlm.generation import GenerationConfig, generate
+from vlm.metrics import corpus_cer, exact_match
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.aux_losses import ChunkHead, CTCHead
 from vlm.training.optim import param_groups, warmup_cosine
@@ -321,7 +321,7 @@ class VLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A tokenizer kept in a file of its own (BPE) is saved with the weights, as a JSON string, so the
-        checkpoint alone rebuilds the model (vlm.checkpoint.load_module)."""
+        checkpoint alone rebuilds the model (vlm.training.checkpointing.load_module)."""
         to_json = getattr(self.model.tokenizer, "to_json", None)
         if to_json is not None:
             checkpoint["tokenizer"] = to_json()

@@ -13,13 +13,19 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vlm.checkpoint import init_parts, load_module
 from vlm.config import CONFIG_DIR
 from vlm.data.datamodule import ShardDataModule
 from vlm.data.processing import SampleProcessor
 from vlm.eval.runner import run_benchmark
 from vlm.models.vlm import VisionLanguageModel
-from vlm.training.checkpointing import AtomicCheckpointIO, ResumableCSVLogger, checkpoint_step, resume_path
+from vlm.training.checkpointing import (
+    AtomicCheckpointIO,
+    ResumableCSVLogger,
+    checkpoint_step,
+    init_parts,
+    load_module,
+    resume_path,
+)
 from vlm.training.checks import check_config
 from vlm.training.distributed import trainer_arguments
 from vlm.training.module import VLMModule, count_parameters

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from vlm.eval.metrics import corpus_cer
+from vlm.metrics import corpus_cer
 
 # config groups whose chosen option becomes a tag ("encoder:siglip")
 TAG_GROUPS = (

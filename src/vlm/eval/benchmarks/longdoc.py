@@ -52,7 +52,7 @@ from vlm.data.longdoc import FACT, VIEW_CONTEXTS, LongDoc, answer_slot, page_tex
 from vlm.data.processing import Collator, SampleProcessor, to_device
 from vlm.eval.anls import anls_score
 from vlm.eval.benchmarks.base import Benchmark, Context, Item, Result, empty_for_missing, mean
-from vlm.eval.metrics import cer
+from vlm.metrics import cer
 from vlm.text_accounting import TextAccounting, llm_tokenizer_name
 
 log = logging.getLogger(__name__)

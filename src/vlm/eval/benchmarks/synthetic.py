@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm.data import corpus
+from vlm import corpus
 from vlm.data.render import RenderStyle, TextDoesNotFit, find_font, render
 from vlm.eval.benchmarks.base import (
     Benchmark,
@@ -33,8 +33,8 @@ from vlm.eval.benchmarks.base import (
     shard_items,
     text_metrics,
 )
-from vlm.eval.metrics import cer, corpus_cer, corpus_wer, exact_match
 from vlm.eval.ocr import ocr_scores
+from vlm.metrics import cer, corpus_cer, corpus_wer, exact_match
 from vlm.text_accounting import compression_label
 
 

@@ -82,7 +82,8 @@ def merge_lora(module: nn.Module) -> nn.Module:
 def merge_checkpoint(source: str, target: str) -> None:
     """A Lightning checkpoint with LoRA adapters -> one with them merged, loadable without peft layers.
     The source is read weights-only and its config checked (vlm.checkpoint)."""
-    from vlm.checkpoint import load_module, read_lightning_checkpoint
+    from vlm.checkpoint import read_lightning_checkpoint
+    from vlm.training.checkpointing import load_module
 
     checkpoint = read_lightning_checkpoint(source)
     module = load_module(source, checkpoint)

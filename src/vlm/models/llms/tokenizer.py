@@ -169,9 +169,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
 
 
 def corpus_bpe_tokenizer(vocab_size: int, cache_dir: str | Path) -> BPETokenizer:
-    """`train_bpe` on the built-in corpus's train split (vlm.data.corpus), trained once and cached as
+    """`train_bpe` on the built-in corpus's train split (vlm.corpus), trained once and cached as
     `<cache_dir>/bpe-<vocab_size>-<hash of the corpus and the settings>.json`; later calls read the file."""
-    from vlm.data.corpus import paragraphs_for
+    from vlm.corpus import paragraphs_for
 
     texts = paragraphs_for("train")
     settings = {"split_pattern": SPLIT_PATTERN, "special_tokens": BPETokenizer.special_tokens}
