@@ -14,7 +14,7 @@ sys.argv = [sys.argv[0], *add_data_settings(quote_integer_options(sys.argv[1:]))
 # the configs of the imported vlm package: the checkout's conf/, or its installed copy (vlm/config.py)
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from vlm.training.run import evaluate_checkpoint
+    from vlm.app.run import evaluate_checkpoint
 
     evaluate_checkpoint(finalize(cfg))
 

@@ -14,7 +14,7 @@ sys.argv = [sys.argv[0], *quote_integer_options(sys.argv[1:])]
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns `optimized_metric` for a sweeper (conf/hparams_search/)."""
-    from vlm.training.run import train
+    from vlm.app.run import train
 
     with sweep_job():
         metrics = train(finalize(cfg))

@@ -59,7 +59,7 @@ def make_cfg(tmp_path, data_dir):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, data_dir) -> Path:
     """A tiny model trained for two steps on the built-in data (shared by the evaluation tests)."""
-    from vlm.training.run import train
+    from vlm.app.run import train
 
     run = tmp_path_factory.mktemp("tiny_run")
     overrides = [f"paths.data_dir={data_dir}", f"hydra.run.dir={run}", "logger=csv", *TINY_DATA, *TINY_MODEL]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vlm import IMAGE_TOKEN
+from vlm.app.run import evaluate_checkpoint, train
 from vlm.checkpoint import UnreadableCheckpointError, read_lightning_checkpoint
 from vlm.corpus import SPLITS, paragraphs_for
 from vlm.models.llms import tokenizer as tokenizers
@@ -19,7 +20,6 @@ from vlm.models.llms.tokenizer import (
 )
 from vlm.training.checkpointing import load_module
 from vlm.training.module import VLMModule
-from vlm.training.run import evaluate_checkpoint, train
 
 VOCAB = 512  # small, so training takes a fraction of a second
 

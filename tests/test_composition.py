@@ -100,8 +100,8 @@ def test_recipe_trains_a_step_at_test_sizes(make_cfg, experiment):
 
 
 def test_readme_token_table_is_what_the_models_compute():
-    from vlm.models.catalog import token_table
+    from vlm.app.catalog import token_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = token_table()
-    assert table in readme, f"README.md is out of date; paste `python -m vlm.models.catalog`:\n{table}"
+    assert table in readme, f"README.md is out of date; paste `python -m vlm.app.catalog`:\n{table}"

@@ -9,13 +9,13 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 
+from vlm.app.run import evaluate_checkpoint
 from vlm.config import compose
 from vlm.eval.arms_table import bootstrap_ratio
 from vlm.eval.benchmarks.base import Context, Item
 from vlm.eval.benchmarks.synthetic import FOX_REFERENCE, SyntheticCompression
 from vlm.eval.compression_arms import main, write_merged
 from vlm.eval.runner import write_result
-from vlm.training.run import evaluate_checkpoint
 
 VISION_TOKENS = 4
 # length (characters) -> ground truths; 12 and 24 characters are 3 and 6 per vision token at K = 4

@@ -153,7 +153,7 @@ def test_sweep_over_the_arms_through_the_cli(tmp_path, data_dir):
 @pytest.mark.parametrize("context", ["text_conv", "truncate"])
 def test_a_text_arm_is_scored_by_the_benchmark_after_training(make_cfg, tmp_path, context):
     """With test=true the benchmark generates from the same text context as training (no pixels)."""
-    from vlm.training.run import train
+    from vlm.app.run import train
 
     metrics = train(
         make_cfg(

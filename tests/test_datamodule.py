@@ -298,7 +298,7 @@ def test_the_end_of_fit_report_of_a_real_run_names_the_bad_data(make_cfg, tmp_pa
         tiny=False,
     )
     caplog.set_level(logging.INFO, logger="vlm.data.datamodule")
-    from vlm.training.run import train
+    from vlm.app.run import train
 
     train(cfg)
     report = next(r.getMessage() for r in caplog.records if "data summary" in r.getMessage())

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, TINY_DATA, TINY_MODEL, run_cli
+from vlm.app.run import train
 from vlm.config import CONFIG_DIR
 from vlm.training.distributed import FSDPGradientClipping, block_classes, trainer_arguments
 from vlm.training.module import VLMModule
 from vlm.training.preemption import Preemption, parse_signals
-from vlm.training.run import train
 
 DDP_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 QUICK = ["test=false", "generation.max_new_tokens=2", "trainer.enable_progress_bar=false"]  # no evaluation

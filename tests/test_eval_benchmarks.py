@@ -10,11 +10,11 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.test_prepare import QUIET, make_coco, make_docvqa_release
+from vlm.app.run import evaluate_checkpoint
 from vlm.config import compose
 from vlm.data.render import RenderStyle, render
 from vlm.data.sources.coco import prepare_coco
 from vlm.data.sources.docvqa import prepare_docvqa
-from vlm.training.run import evaluate_checkpoint
 
 
 def run_eval(out: Path, data_dir: Path, *overrides: str) -> tuple[dict, Path]:

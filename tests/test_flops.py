@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlm import IGNORE_INDEX
+from vlm.app.run import train
 from vlm.models.encoders.tiny import TinyEncoder
 from vlm.models.llms.gpt import GPT, GPTConfig
 from vlm.text_accounting import llm_tokenizer_name
@@ -22,7 +23,6 @@ from vlm.training.flops import (
     precision_format,
 )
 from vlm.training.module import VLMModule
-from vlm.training.run import train
 
 # -- the counter against a hand count -------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def test_unknown_parts_and_another_tokenizer_are_refused(make_cfg, tiny_checkpoi
 
 
 def test_train_starts_from_init_from(make_cfg, tiny_checkpoint, monkeypatch):
-    from vlm.training import run
+    from vlm.app import run
 
     calls = []
     monkeypatch.setattr(run, "init_parts", lambda module, ckpt, parts: calls.append((ckpt, parts)))

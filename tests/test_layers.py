@@ -27,13 +27,9 @@ APP = {"vlm.reading", "vlm.config"}
 # (importer, imported) still pointing up, each a command line or Hydra glue inside a lower layer
 KNOWN_UPWARD = {
     ("vlm.data.synthetic", "vlm.config"),  # `python -m vlm.data.synthetic`: composes the data config
-    ("vlm.models.catalog", "vlm.config"),  # `python -m vlm.models.catalog`: composes every option
     ("vlm.models.llms.lora", "vlm.training.checkpointing"),  # `... lora merge`: rebuilds a checkpoint
-    ("vlm.training.run", "vlm.config"),  # train.py/eval.py's runner: finds the configs
-    ("vlm.training.run", "vlm.eval.runner"),  # ... and runs the benchmark after training
     ("vlm.eval.ocr_engines", "vlm.config"),  # `python -m vlm.eval.ocr_engines`: composes a benchmark
-    ("vlm.bench.data", "vlm.config"),  # `python -m vlm.bench`: composes the recipes it times
-    ("vlm.bench.train", "vlm.config"),
+    ("vlm.eval.ocr_engines", "vlm.app.run"),  # ... and reads its data as eval.py does
 }
 
 
@@ -45,7 +41,7 @@ def layer(module: str) -> str:
     if module == "vlm.generation":
         return "models"
     part = module.split(".")[1]
-    return {"bench": "eval"}.get(part, part)
+    return {"bench": "app"}.get(part, part)  # vlm.bench: `python -m vlm.bench`, a command
 
 
 def module_name(file: Path) -> str:

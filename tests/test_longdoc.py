@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vlm import IMAGE_TOKEN
+from vlm.app.run import evaluate_checkpoint, train
 from vlm.contracts import ImagePreprocessing
 from vlm.data.datamodule import ShardStream, read_shards
 from vlm.data.longdoc import FACT, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
@@ -21,7 +22,6 @@ from vlm.eval.benchmarks.base import Item, shard_items
 from vlm.eval.runner import GenerationCollator, GenerationSet
 from vlm.models.llms.tokenizer import ByteTokenizer
 from vlm.text_accounting import TextAccounting
-from vlm.training.run import evaluate_checkpoint, train
 
 FONTS = ["DejaVuSans"]
 

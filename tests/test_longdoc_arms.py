@@ -234,7 +234,7 @@ def test_pages_as_text_gives_each_page_text_and_text_view_no_context(tmp_path, m
 
 
 def test_a_view_the_context_arm_does_not_read_fails_at_start_up_naming_both(tmp_path, make_cfg):
-    from vlm.training.run import build_datamodule
+    from vlm.training.builders import build_datamodule
 
     source = small_longdoc(tmp_path)
     _, meanpool = text_arm(make_cfg, "text_meanpool")
@@ -417,7 +417,7 @@ def test_the_two_level_interval_counts_the_spread_between_seeds():
 def test_the_text_meanpool_arm_trains_on_pages_and_is_scored_on_them(make_cfg, tmp_path):
     """The new path end to end in-process: pages_as_text samples, one row per page, the benchmark's
     pages_as_text view with its costs."""
-    from vlm.training.run import train
+    from vlm.app.run import train
 
     metrics = train(make_cfg(*arm_overrides(tmp_path, "text_meanpool")))
     assert 0 < metrics["train/loss_chunk"] < float("inf")

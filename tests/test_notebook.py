@@ -4,7 +4,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from vlm.training.run import train
+from vlm.app.run import train
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "inspect_run.ipynb"
 
@@ -26,8 +26,8 @@ COMPRESSION = NOTEBOOK.parent / "compression.ipynb"
 
 
 def test_compression_notebook_plots_several_eval_runs(tiny_checkpoint, data_dir, tmp_path, monkeypatch):
+    from vlm.app.run import evaluate_checkpoint
     from vlm.config import compose
-    from vlm.training.run import evaluate_checkpoint
 
     runs = []
     for name, lengths in (("short", "[16,32]"), ("long", "[32,64,96]")):

@@ -11,10 +11,10 @@ from hydra.utils import instantiate
 
 from tests.conftest import TINY_DATA, run_cli
 from tests.helpers import OCR_ENGINES_MISSING
+from vlm.app.run import datamodule_without_checkpoint, evaluate_checkpoint
 from vlm.config import add_data_settings, compose
 from vlm.eval.benchmarks.base import Context
 from vlm.eval.ocr_engines import EngineUnavailable, build_engine, main, reading_order
-from vlm.training.run import datamodule_without_checkpoint, evaluate_checkpoint
 
 
 def eval_cfg(data_dir: Path, out: Path, *overrides: str):

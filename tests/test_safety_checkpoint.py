@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from tests.conftest import run_cli
+from vlm.app.run import evaluate_checkpoint, train
 from vlm.checkpoint import (
     UnreadableCheckpointError,
     UnsafeConfigError,
@@ -24,7 +25,6 @@ from vlm.config import CONFIG_DIR, compose
 from vlm.models.llms.lora import merge_checkpoint
 from vlm.models.llms.nanochat import read_checkpoint
 from vlm.models.pretrained import checkpoint_files, read_checkpoint_file, read_tensors
-from vlm.training.run import evaluate_checkpoint, train
 
 
 class RunsACommand:

@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TINY_DATA, TINY_MODEL, run_cli
+from vlm.app.run import train
 from vlm.config import CONFIG_DIR, compose
 from vlm.files import atomic_write
+from vlm.training.builders import build_trainer
 from vlm.training.callbacks import NonFiniteLoss
 from vlm.training.checkpointing import AtomicCheckpointIO, resume_path
 from vlm.training.checks import check_config
 from vlm.training.module import VLMModule
-from vlm.training.run import build_trainer, train
 
 QUICK = ["test=false", "generation.max_new_tokens=2", "trainer.enable_progress_bar=false"]
 CLI = [*QUICK, "logger=csv", *TINY_DATA, *TINY_MODEL]  # what make_cfg adds in-process

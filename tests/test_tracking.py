@@ -10,8 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
 from tests.helpers import finished_wandb_records, wandb_records
+from vlm.app.run import train
 from vlm.metrics import corpus_cer
-from vlm.training.run import train
 from vlm.training.tracking import (
     NAME_LIMIT,
     SECTIONS,

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm.app.run import evaluate_checkpoint, train
+from vlm.training.builders import build_datamodule
 from vlm.training.module import VLMModule
-from vlm.training.run import build_datamodule, evaluate_checkpoint, train
 
 
 def test_fast_dev_run_of_the_default(make_cfg):

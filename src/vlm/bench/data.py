@@ -26,7 +26,7 @@ from PIL import Image
 from vlm.config import compose
 from vlm.data.datamodule import is_local, read_shard
 from vlm.data.processing import IMAGE_EXTENSIONS, ImageProcessor
-from vlm.training.run import build_datamodule
+from vlm.training.builders import build_datamodule
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

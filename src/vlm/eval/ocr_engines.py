@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> Path:
     engine = build_engine(args.engine, args.psm, args.lang)
     from hydra.utils import instantiate  # after the engine check: these take seconds (torch, Lightning)
 
+    from vlm.app.run import datamodule_without_checkpoint
     from vlm.config import add_data_settings, compose
     from vlm.eval.benchmarks.base import Context
-    from vlm.training.run import datamodule_without_checkpoint
 
     cfg = compose("eval", [f"task_name=ocr_{args.engine}", *add_data_settings(args.overrides)])
     benchmark = instantiate(cfg.benchmark)

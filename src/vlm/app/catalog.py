@@ -1,6 +1,6 @@
 """The README's table of vision tokens per image for every encoder x resampler option at its defaults.
 
-    python -m vlm.models.catalog
+    python -m vlm.app.catalog
 
 Each encoder is built at its configured (official) size on the meta device, so no weights are
 allocated or downloaded, and each resampler at its config group's defaults; the counts are the
