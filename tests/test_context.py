@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
 from tests.steps import raw_sample, train_step
+from vlm.contracts import context_inputs
 from vlm.data.processing import BadSample, Collator, SampleProcessor
 from vlm.training.module import VLMModule
 
@@ -54,7 +55,7 @@ def test_each_control_fills_its_positions_trains_and_generates(make_cfg, context
     assert batch["pixel_values"].shape[0] == 0  # no image is read
     if context in ("text_meanpool", "text_conv"):
         assert placeholders.tolist() == [K, K]
-        vectors = module.context_vectors(batch)
+        vectors = model.encode(**context_inputs(batch)).vectors
         assert vectors.shape == (len(TEXTS), K, model.llm.hidden_size)
     else:
         assert placeholders.tolist() == [0, 0]

@@ -212,7 +212,7 @@ def test_gundam_batches_images_with_different_placeholder_counts():
     pixels = move_data_to_device(batch, torch.device("meta"))["pixel_values"]  # Lightning moves it whole
     assert isinstance(pixels, TiledViews) and pixels.tiles.device.type == "meta"
     with torch.no_grad():
-        logits = model(batch["input_ids"], batch["pixel_values"])  # counts are checked inside
+        logits = model(batch["input_ids"], batch["pixel_values"]).logits  # counts are checked inside
         features = model.encoder(batch["pixel_values"])
         sequence = model.project(features)
     assert logits.shape[:2] == batch["input_ids"].shape

@@ -171,7 +171,7 @@ def test_left_padded_batch_decodes_like_each_prompt_alone_and_like_training(stri
         )
         assert alone[0] == batched[i]
         full = torch.cat([seq, torch.tensor(batched[i])])[None]
-        logits = model(full, pixels[i : i + 1])
+        logits = model(full, pixels[i : i + 1]).logits
         assert logits[0, len(seq) - 1 : -1].argmax(-1).tolist() == batched[i]
 
 

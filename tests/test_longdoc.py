@@ -125,10 +125,10 @@ def test_a_batch_with_one_and_three_pages_matches_each_sample_alone():
     assert batch["images_per_sample"].tolist() == [1, 3] and batch["pixel_values"].shape[0] == 4
     assert (batch["prompt_ids"] == image_id).sum(1).tolist() == [4, 12]  # vision tokens per page: 4
     with torch.no_grad():
-        together = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        together = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
         for row, sample in enumerate(samples):
             alone = Collator(model.tokenizer.pad_id)([sample])
-            logits = model(alone["input_ids"], alone["pixel_values"], alone["attention_mask"])
+            logits = model(alone["input_ids"], alone["pixel_values"], alone["attention_mask"]).logits
             length = alone["input_ids"].shape[1]
             assert torch.allclose(together[row, :length], logits[0], atol=1e-5)
     # generation prompts: the same pages from an Item with a list of images

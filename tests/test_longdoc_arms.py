@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from tests.conftest import run_cli
 from tests.helpers import OCR_ENGINES_MISSING
 from vlm import IMAGE_TOKEN
-from vlm.contracts import ImagePreprocessing
+from vlm.contracts import ImagePreprocessing, context_inputs
 from vlm.data.datamodule import read_shards
 from vlm.data.longdoc import NAMES, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
 from vlm.data.processing import BadSample, Collator, SampleProcessor
@@ -166,21 +166,19 @@ def test_each_page_text_fills_its_own_k_positions_in_a_batch(make_cfg):
     assert rows == [tokenizer.encode(t) for t in ["a single page", *PAGES]]
     assert (batch["input_ids"] == tokenizer.image_token_id).sum(1).tolist() == [K, 3 * K]
     with torch.no_grad():
-        vectors = module.context_vectors(batch)  # (4 rows, K, D)
+        vectors = model.encode(**context_inputs(batch)).vectors  # (4 rows, K, D)
         embeds = model.embed_inputs(batch["input_ids"], vision=vectors)
         slots = (batch["input_ids"][1] == tokenizer.image_token_id).nonzero().flatten()
         for page in range(3):  # page p of the second sample: its K positions hold row 1 + p
             assert torch.equal(
                 embeds[1, slots[page * K : (page + 1) * K]], vectors[1 + page].to(embeds.dtype)
             )
-        together = model(batch["input_ids"], attention_mask=batch["attention_mask"], vision=vectors)
+        together = model(batch["input_ids"], attention_mask=batch["attention_mask"], vision=vectors).logits
         for row, sample in enumerate([one, three]):
             alone = Collator(tokenizer.pad_id)([sample])
             logits = model(
-                alone["input_ids"],
-                attention_mask=alone["attention_mask"],
-                vision=module.context_vectors(alone),
-            )
+                alone["input_ids"], attention_mask=alone["attention_mask"], **context_inputs(alone)
+            ).logits
             assert torch.allclose(together[row, : alone["input_ids"].shape[1]], logits[0], atol=1e-5)
     # the chunk loss reads each row's own text; generation (left padding) takes the same rows
     reading = module.context_reading(batch, vectors)

@@ -36,7 +36,7 @@ def test_merged_adapters_give_the_same_logits(make_cfg, llm, tmp_path):
     train_step(module, batch, lr=1e-2)  # lora_B starts at zero: a step makes the adapters matter
     module.eval()
     with torch.no_grad():
-        adapted = module.model(batch["input_ids"], batch["pixel_values"])
+        adapted = module.model(batch["input_ids"], batch["pixel_values"]).logits
     checkpoint = tmp_path / "lora.ckpt"
     torch.save(
         {
@@ -53,10 +53,12 @@ def test_merged_adapters_give_the_same_logits(make_cfg, llm, tmp_path):
     assert not has_lora(merged.model)
     assert merged.cfg.model.llm.lora.r == 0
     with torch.no_grad():
-        assert torch.allclose(merged.model(batch["input_ids"], batch["pixel_values"]), adapted, atol=1e-4)
+        assert torch.allclose(
+            merged.model(batch["input_ids"], batch["pixel_values"]).logits, adapted, atol=1e-4
+        )
         in_place = merge_lora(module.model)
         assert not has_lora(in_place)
-        assert torch.allclose(in_place(batch["input_ids"], batch["pixel_values"]), adapted, atol=1e-4)
+        assert torch.allclose(in_place(batch["input_ids"], batch["pixel_values"]).logits, adapted, atol=1e-4)
 
 
 def test_lora_matching_nothing_is_a_clear_error(make_cfg):

@@ -102,7 +102,7 @@ def test_gradients_reach_every_part():
     image_id = model.tokenizer.image_token_id
     ids = torch.tensor([[1] + [image_id] * 4 + [65, 66, 67]])
     model.llm.lm_head.weight.data.normal_()  # nanochat zero-inits the head
-    model(ids, torch.randn(1, 3, 32, 128)).sum().backward()
+    model(ids, torch.randn(1, 3, 32, 128)).logits.sum().backward()
     for part in ("encoder", "resampler", "projector", "llm"):
         grads = [p.grad for p in getattr(model, part).parameters()]
         if grads:

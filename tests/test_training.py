@@ -38,9 +38,7 @@ def test_lm_loss_is_next_token_cross_entropy_on_the_answer_and_adamw_is_fused(ma
     module = VLMModule(cfg)
     batch = make_batch(module.model, ["ab", "a longer answer"])
     loss, parts = module.loss(batch)
-    logits = module.model(
-        batch["input_ids"], vision=module.model.project(module.model.encoder(batch["pixel_values"]))
-    )
+    logits = module.model(batch["input_ids"], batch["pixel_values"]).logits
     terms = [  # position t predicts token t + 1 wherever that token is labelled
         -torch.log_softmax(logits[b, t], -1)[batch["labels"][b, t + 1]]
         for b in range(logits.shape[0])
@@ -64,9 +62,7 @@ def test_prompt_lm_is_next_token_cross_entropy_on_the_prompts_text_only(make_cfg
     module = VLMModule(make_cfg("loss.ctc_weight=0", "loss.chunk_weight=0", "loss.prompt_lm_weight=0.5"))
     batch = make_batch(module.model, ["ab", "a longer answer"])
     loss, parts = module.loss(batch)
-    logits = module.model(
-        batch["input_ids"], vision=module.model.project(module.model.encoder(batch["pixel_values"]))
-    )
+    logits = module.model(batch["input_ids"], batch["pixel_values"]).logits
     tokenizer, ids = module.model.tokenizer, batch["input_ids"]
     prompt_text = [
         (b, t)
@@ -83,6 +79,58 @@ def test_prompt_lm_is_next_token_cross_entropy_on_the_prompts_text_only(make_cfg
     assert torch.allclose(parts["prompt_lm"], torch.stack(terms).mean(), atol=1e-6)
     assert torch.allclose(loss, parts["lm"] + 0.5 * parts["prompt_lm"])
     assert "prompt_lm" not in VLMModule(make_cfg()).loss(batch)[1]  # off by default
+
+
+def test_one_forward_gives_logits_loss_and_what_the_auxiliary_losses_read(make_cfg):
+    """The model's forward is the whole model: the loss the module trains on, and the encoder's features
+    and placeholder vectors the CTC and chunk losses read, come from one call."""
+    from tests.steps import make_batch
+
+    module = VLMModule(make_cfg())
+    batch = make_batch(module.model, ["ab", "a longer answer"])
+    torch.manual_seed(0)
+    out = module.model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
+    features = module.model.encoder(batch["pixel_values"])
+    assert torch.allclose(out.context.features, features, atol=1e-6)
+    assert torch.allclose(out.context.vectors, module.model.project(features), atol=1e-6)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    _, parts = module.loss(batch)
+    assert set(parts) == {"lm", "ctc", "chunk"}
+    assert torch.allclose(parts["lm"], out.loss, atol=1e-6)
+    assert module.model(batch["input_ids"], batch["pixel_values"]).loss is None  # no labels: no loss
+
+
+def test_predict_step_generates_the_batchs_own_length_and_passes_failures_on(make_cfg):
+    from tests.steps import make_batch
+
+    module = VLMModule(make_cfg("generation.max_new_tokens=5")).eval()
+    batch = make_batch(module.model, ["ab", "cd"]) | {"failed": [("bad", "unreadable")]}
+    lengths = []
+    module.predict_text = lambda b, max_new_tokens: lengths.append(max_new_tokens) or ["x", "y"]
+    out = module.predict_step(batch | {"max_new_tokens": 2}, 0)
+    assert out == {"texts": {"s0": "x", "s1": "y"}, "failed": [("bad", "unreadable")]}
+    module.predict_step(batch, 0)  # no request in the batch: the run's generation.max_new_tokens
+    assert lengths == [2, 5]
+
+
+def test_validation_metrics_are_corpus_level_over_the_epochs_batches(make_cfg):
+    """val/cer sums edits and reference characters over all decoded batches (and ranks) before dividing:
+    a short line's errors weigh by its length, not as one batch's mean."""
+    from tests.steps import make_batch
+
+    module = VLMModule(make_cfg("generation.val_batches=2")).eval()
+    logged = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, float(value))
+    outputs = iter([["abcd", "xxxxxxxx"], ["wrong"]])
+    module.predict_text = lambda batch, max_new_tokens: next(outputs)
+    with torch.no_grad():
+        module.validation_step(make_batch(module.model, ["abcd", "abcdefgh"]), 0)  # 0 + 8 edits, 12 chars
+        module.validation_step(make_batch(module.model, ["a"]), 1)  # "wrong" for "a": 5 edits, 1 char
+        module.validation_step(make_batch(module.model, ["zz"]), 2)  # past val_batches: not decoded
+    module.on_validation_epoch_end()
+    assert logged["val/cer"] == pytest.approx(13 / 13)
+    assert logged["val/exact_match"] == pytest.approx(1 / 3)
+    assert module.val_cer.update_count == 0  # reset for the next validation
 
 
 def test_frozen_parts_do_not_change_in_a_step(make_cfg, tmp_path):

@@ -8,7 +8,7 @@ each part against its protocol.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -119,6 +119,16 @@ class TiledViews:
             torch.cat([item.tiles for item in items]),
             [grid for item in items for grid in item.tile_grids],
         )
+
+
+def context_inputs(batch: Mapping) -> dict:
+    """What a batch gives the model's `encode` (and so its forward and `generate`): the images, and for a
+    text arm the texts to compress (`context_ids`, `context_mask`: one row per `<image>`)."""
+    return {
+        "pixel_values": batch.get("pixel_values"),
+        "context_ids": batch.get("context_ids"),
+        "context_mask": batch.get("context_mask"),
+    }
 
 
 # -- the parts --------------------------------------------------------------------------------------

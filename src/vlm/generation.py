@@ -83,11 +83,14 @@ def generate(
     generator: torch.Generator | None = None,
     config: GenerationConfig | None = None,
     vision: torch.Tensor | None = None,
+    context_ids: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded). Prompts are left-padded: (B, T) ids and mask.
 
-    Settings come from `config`; the keyword arguments override single fields of it. `vision`: the
-    placeholders' embeddings already computed (a compressed text context), instead of `pixel_values`.
+    Settings come from `config`; the keyword arguments override single fields of it. The placeholders'
+    vectors come from `model.encode` as in the forward (`pixel_values`, or a text arm's `context_ids`
+    and `context_mask`), or are given already computed (`vision`).
     """
     cfg = config or GenerationConfig()
     max_new_tokens = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -102,7 +105,9 @@ def generate(
 
     llm = model.llm
     batch_size, prompt_len = input_ids.shape
-    embeds = model.embed_inputs(input_ids, pixel_values, vision)
+    if vision is None:
+        vision = model.encode(pixel_values, context_ids, context_mask).vectors
+    embeds = model.embed_inputs(input_ids, vision=vision)
     mask = torch.ones(batch_size, prompt_len + max_new_tokens, dtype=torch.long, device=device)
     mask[:, :prompt_len] = attention_mask
     cache = llm.new_kv_cache(batch_size, prompt_len + max_new_tokens) if use_cache else None

@@ -65,30 +65,42 @@ class GenerationSet(Dataset):
 
 
 class GenerationCollator(Collator):
-    """Batches the readable items; the unreadable ones travel along as `failed` [(key, error)]."""
+    """Batches the readable items; the unreadable ones travel along as `failed` [(key, error)], and the
+    benchmark's `max_new_tokens` with them when given (what `VLMModule.predict_step` generates)."""
+
+    def __init__(self, pad_id: int, max_new_tokens: int | None = None) -> None:
+        super().__init__(pad_id)
+        self.max_new_tokens = max_new_tokens
 
     def __call__(self, samples: list[dict]) -> dict:
         good = [s for s in samples if "error" not in s]
         batch = super().__call__(good) if good else {"keys": []}
         batch["failed"] = [(s["key"], s["error"]) for s in samples if "error" in s]
+        if self.max_new_tokens is not None:
+            batch["max_new_tokens"] = self.max_new_tokens
         return batch
 
 
 def generate_predictions(trainer, module, benchmark: Benchmark, items: list[Item], ckpt_path=None) -> dict:
-    """{key: generated text} for every readable item, from all ranks (batched generation)."""
+    """{key: generated text} for every readable item, from all ranks (`trainer.predict`, batched)."""
     model = module.model
     processor = SampleProcessor.for_model(model, train=False)
     loader = torch.utils.data.DataLoader(
         GenerationSet(items, processor),
         batch_size=benchmark.batch_size,
-        collate_fn=GenerationCollator(model.tokenizer.pad_id),
+        collate_fn=GenerationCollator(model.tokenizer.pad_id, benchmark.max_new_tokens),
         num_workers=min(2, torch.get_num_threads()) if len(items) > benchmark.batch_size else 0,
     )
-    module.max_new_tokens = benchmark.max_new_tokens
-    trainer.test(module, dataloaders=loader, ckpt_path=ckpt_path, verbose=False, weights_only=True)
-    for key, error in module.test_failures:
+    outputs = trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, weights_only=True) or []
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # each rank predicted its share; the distributed sampler's padding repeats some items, which
+        # the dict keyed by item absorbs
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, outputs)
+        outputs = [output for rank in gathered for output in rank]
+    for key, error in dict.fromkeys(f for output in outputs for f in output["failed"]):
         log.warning("item %s gets no prediction: %s", key, error)
-    return module.test_predictions
+    return {key: text for output in outputs for key, text in output["texts"].items()}
 
 
 def run_benchmark(

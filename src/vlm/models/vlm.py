@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from vlm import IGNORE_INDEX
 from vlm.contracts import COMPRESSED, CONTEXTS, IN_PROMPT, TiledViews
 from vlm.models.encoders.base import VisionEncoder
 from vlm.models.projectors import WithLayout
@@ -34,6 +37,25 @@ def composition_check(encoder: VisionEncoder):
         yield
     except ValueError as error:
         raise CompositionError(f"{encoder.describe()} cannot feed this resampler: {error}") from error
+
+
+@dataclass
+class Context:
+    """What fills the `<image>` positions: `vectors` (N, K, D_llm), or (positions, D_llm) for tiled views;
+    `features`, the encoder's output they came from (None for a text arm's compressed text)."""
+
+    vectors: torch.Tensor | None = None
+    features: torch.Tensor | TiledViews | None = None
+
+
+@dataclass
+class VLMOutput:
+    """One forward: logits (B, T, V); the next-token loss when labels were given; the context it read
+    (what the auxiliary losses need)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    context: Context
 
 
 class VisionLanguageModel(nn.Module):
@@ -189,12 +211,7 @@ class VisionLanguageModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor | TiledViews) -> torch.Tensor:
         """(N_images, 3, H, W) -> (N_images, vision_tokens_per_image, llm width); tiled views ->
         (all their positions, llm width), image after image."""
-        if self.context != "vision":
-            raise ValueError(
-                f"model.context={self.context} reads the text the image shows, not pixels: give the "
-                f"samples' context text (vlm.data.processing.SampleProcessor with context={self.context})"
-            )
-        return self.project(self.encoder(pixel_values))
+        return self.encode(pixel_values).vectors
 
     def encode_context(self, context_ids: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         """Right-padded token ids of the texts (N, L), one row per `<image>` in placeholder order (sample
@@ -280,17 +297,53 @@ class VisionLanguageModel(nn.Module):
         embeds[is_placeholder] = vision.to(embeds.dtype)
         return embeds
 
+    def encode(
+        self,
+        pixel_values: torch.Tensor | TiledViews | None = None,
+        context_ids: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> Context:
+        """The placeholders' vectors, the one way training, evaluation and generation get them: a text
+        arm's compressed texts (`context_ids`, `context_mask`, one row per `<image>`), else the images
+        encoded (keeping the encoder's features), else none (a text-only batch)."""
+        if context_ids is not None:
+            return Context(self.encode_context(context_ids, context_mask))
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return Context()
+        if self.context != "vision":
+            raise ValueError(
+                f"model.context={self.context} reads the text the image shows, not pixels: give the "
+                f"samples' context text (vlm.data.processing.SampleProcessor with context={self.context})"
+            )
+        features = self.encoder(pixel_values)
+        return Context(self.project(features), features)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | TiledViews | None = None,
         attention_mask: torch.Tensor | None = None,
         vision: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, V)."""
-        embeds = self.embed_inputs(input_ids, pixel_values, vision)
+        context_ids: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> VLMOutput:
+        """The model, one forward: the context encoded (`encode`; or `vision`, vectors already computed),
+        placed in the `<image>` positions, the LLM run. `labels` (B, T), aligned with `input_ids` and
+        IGNORE_INDEX where nothing is predicted, give the loss: cross-entropy of each position's logits
+        against the next label."""
+        context = (
+            Context(vision) if vision is not None else self.encode(pixel_values, context_ids, context_mask)
+        )
+        embeds = self.embed_inputs(input_ids, vision=context.vectors)
         positions = self.position_ids(input_ids, attention_mask)
-        return self.llm(embeds, attention_mask=attention_mask, position_ids=positions)
+        logits = self.llm(embeds, attention_mask=attention_mask, position_ids=positions)
+        loss = None
+        if labels is not None:
+            # shift the labels, not the logits: slicing the logits would copy them (and their gradient)
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return VLMOutput(logits, loss, context)
 
     def _text_steps(self) -> torch.Tensor | None:
         """How far each token id advances the position under `text_position_unit=byte` (its UTF-8 bytes);

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import CharErrorRate
 
 from vlm import IGNORE_INDEX
-from vlm.contracts import IN_PROMPT
+from vlm.contracts import IN_PROMPT, context_inputs
 from vlm.generation import GenerationConfig, generate
-from vlm.metrics import corpus_cer, exact_match
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.aux_losses import ChunkHead, CTCHead
 from vlm.training.optim import param_groups, warmup_cosine
@@ -78,12 +79,8 @@ class VLMModule(L.LightningModule):
         )
         self.skipped: Counter = Counter()  # bad samples per reason
         self.sources: Counter = Counter()  # training samples per data source
-        self.max_new_tokens = self.cfg.generation.max_new_tokens  # the benchmark's, when testing
-        self._val_predictions: list[tuple[str, str]] = []
-        self._test_records: dict[str, str] = {}
-        self._test_failures: list[tuple[str, str]] = []
-        self.test_predictions: dict[str, str] = {}  # key -> generated text, after trainer.test
-        self.test_failures: list[tuple[str, str]] = []  # (key, why) of items that could not be read
+        self.val_cer = CharErrorRate()  # corpus CER: edits and reference characters summed, then divided
+        self.val_exact_match = MeanMetric()
         self.train()  # Lightning keeps each module's mode as it finds it: frozen parts start in eval
 
     def _ctc_applies(self) -> bool:
@@ -158,29 +155,23 @@ class VLMModule(L.LightningModule):
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its parts: next-token cross-entropy on the answer (+ the auxiliary losses)."""
+        """Total loss and its parts: next-token cross-entropy on the answer (+ the auxiliary losses), all
+        from one forward of the model."""
         input_ids, labels, cfg = batch["input_ids"], batch["labels"], self.cfg.loss
         if self.training and cfg.context_dropout > 0:
             # word dropout (Bowman et al., 2016): hide answer tokens from the decoder's input so it
             # cannot lean on the language prior alone and has to read the image
             hidden = torch.rand(labels.shape, device=labels.device) < cfg.context_dropout
             input_ids = input_ids.masked_fill(hidden & (labels != IGNORE_INDEX), self.model.tokenizer.pad_id)
-        features, vision = None, self.context_vectors(batch)
-        pixel_values = batch["pixel_values"]
-        if vision is None and pixel_values.shape[0]:
-            features = self.model.encoder(pixel_values)
-            vision = self.model.project(features)
-        logits = self.model(input_ids, vision=vision)  # right padding: causal is enough
-        # shift the labels, not the logits: slicing the logits would copy them (and their gradient)
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        parts = {"lm": lm}
+        out = self.model(input_ids, labels=labels, **context_inputs(batch))  # right padding: causal is enough
+        parts = {"lm": out.loss}
         if cfg.get("prompt_lm_weight", 0.0) > 0:
-            parts["prompt_lm"] = self.prompt_lm(logits, batch)
+            parts["prompt_lm"] = self.prompt_lm(out.logits, batch)
+        features, vectors = out.context.features, out.context.vectors
         if self.ctc_head is not None and features is not None:
             parts["ctc"] = self.ctc_head.loss(features, self.model.encoder.grid_size, batch)
-        if self.chunk_head is not None and vision is not None:
-            parts["chunk"] = self.chunk_head.loss(vision, self.context_reading(batch, vision))
+        if self.chunk_head is not None and vectors is not None:
+            parts["chunk"] = self.chunk_head.loss(vectors, self.context_reading(batch, vectors))
         weights = {
             "lm": 1.0,
             "prompt_lm": cfg.get("prompt_lm_weight", 0.0),
@@ -241,14 +232,9 @@ class VLMModule(L.LightningModule):
         ]
         return batch | {"image_text_ids": rows, "pixel_values": vectors}
 
-    def context_vectors(self, batch: dict) -> torch.Tensor | None:
-        """The compressed texts of a text context arm's batch, one row per `<image>` (N, K, D_llm), else None."""
-        if "context_ids" not in batch:
-            return None
-        return self.model.encode_context(batch["context_ids"], batch["context_mask"])
-
     # -- evaluation -----------------------------------------------------------------------------
     def predict_text(self, batch: dict, max_new_tokens: int) -> list[str]:
+        """The batch's answers generated with the run's `generation:` settings, decoded."""
         gen = self.cfg.generation
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -259,65 +245,41 @@ class VLMModule(L.LightningModule):
             ngram_exempt_ids=tuple(gen.get("ngram_exempt_ids") or ()),
         )
         ids = generate(
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["pixel_values"],
-            config=config,
-            vision=self.context_vectors(batch),
+            self.model, batch["prompt_ids"], batch["prompt_mask"], config=config, **context_inputs(batch)
         )
         return [self.model.tokenizer.decode(row) for row in ids]
 
     def validation_step(self, batch: dict, batch_idx: int) -> list[str] | None:
-        """The decoded texts of the first `generation.val_batches` batches are returned for callbacks
+        """The decoded texts of the first `generation.val_batches` batches are scored (val/cer,
+        val/exact_match: torchmetrics, summed over ranks) and returned for callbacks
         (tracking.ValidationSamples)."""
         batch_size = len(batch["keys"])
         self.log("val/loss", self.loss(batch)[1]["lm"], prog_bar=True, batch_size=batch_size, sync_dist=True)
         if batch_idx < self.cfg.generation.val_batches:
             predictions = self.predict_text(batch, self.cfg.generation.max_new_tokens)
-            self._val_predictions += [(p, a[0]) for p, a in zip(predictions, batch["answers"], strict=True)]
+            references = [answers[0] for answers in batch["answers"]]
+            self.val_cer.update(predictions, references)
+            matches = [float(p == r) for p, r in zip(predictions, references, strict=True)]
+            self.val_exact_match.update(torch.tensor(matches, device=self.device))
             return predictions
         return None
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_predictions:
-            return
-        predictions, references = zip(*self._val_predictions, strict=True)
-        self._val_predictions = []
-        count = len(references)
-        self.log(
-            "val/cer",
-            corpus_cer(list(predictions), list(references)),
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=count,
-        )
-        self.log(
-            "val/exact_match",
-            exact_match(list(predictions), list(references)),
-            sync_dist=True,
-            batch_size=count,
-        )
+        if self.val_cer.update_count:
+            self.log("val/cer", self.val_cer.compute(), prog_bar=True)
+            self.log("val/exact_match", self.val_exact_match.compute())
+        self.val_cer.reset()
+        self.val_exact_match.reset()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Generation for a benchmark (`vlm.eval.runner`): collects {key: text}; scoring is elsewhere."""
-        self._test_failures += batch.get("failed", [])
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Generation for a benchmark (`vlm.eval.runner`): {"texts": {key: generated text}, "failed":
+        [(key, why)] of the items that could not be read}. The batch carries its `max_new_tokens` (the
+        benchmark's), else the run's `generation.max_new_tokens`."""
+        texts = {}
         if batch["keys"]:
-            predictions = self.predict_text(batch, self.max_new_tokens)
-            self._test_records.update(zip(batch["keys"], predictions, strict=True))
-
-    def on_test_epoch_start(self) -> None:
-        self._test_records, self._test_failures = {}, []
-
-    def on_test_epoch_end(self) -> None:
-        """All ranks' predictions on every rank; the distributed sampler's padding repeats some
-        items, which the dict keyed by item absorbs."""
-        parts = [(self._test_records, self._test_failures)]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, (self._test_records, self._test_failures))
-        self.test_predictions = {k: v for records, _ in parts for k, v in records.items()}
-        self.test_failures = list(dict.fromkeys(f for _, failures in parts for f in failures))
+            max_new_tokens = batch.get("max_new_tokens") or self.cfg.generation.max_new_tokens
+            texts = dict(zip(batch["keys"], self.predict_text(batch, max_new_tokens), strict=True))
+        return {"texts": texts, "failed": list(batch.get("failed", []))}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A tokenizer kept in a file of its own (BPE) is saved with the weights, as a JSON string, so the

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlm.contracts import ImagePreprocessing
+from vlm.contracts import ImagePreprocessing, context_inputs
 from vlm.data.longdoc import FACT, VIEW_CONTEXTS, LongDoc, answer_slot, page_texts, text_prompt
 from vlm.data.processing import Collator, SampleProcessor, to_device
 from vlm.eval.anls import anls_score
@@ -449,13 +449,6 @@ def question_batch(
     return to_device(batch, device)  # tiled views too
 
 
-def context_vectors(model, batch: dict) -> torch.Tensor | None:
-    """The compressed texts of a text arm's batch (the placeholders' vectors), else None."""
-    if "context_ids" not in batch:
-        return None
-    return model.encode_context(batch["context_ids"], batch["context_mask"])
-
-
 @torch.no_grad()
 def generation_seconds(
     model, processor: SampleProcessor, items: list[Item], max_new_tokens: int
@@ -468,16 +461,17 @@ def generation_seconds(
     batch = question_batch(processor, items, device)
     if batch is None:
         return None
-    pixels = batch["pixel_values"]
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.autocast(device.type, torch.bfloat16, enabled=on_gpu):
-        vision = context_vectors(model, batch)
-        pixel_values = pixels if vision is None and len(pixels) else None
         generate(
-            model, batch["prompt_ids"], batch["prompt_mask"], pixel_values, max_new_tokens, vision=vision
+            model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            max_new_tokens=max_new_tokens,
+            **context_inputs(batch),
         )
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -497,9 +491,7 @@ def question_flops(model, processor: SampleProcessor, item: Item) -> int | None:
     if batch is None:
         return None
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
-        vision = context_vectors(model, batch)
-        pixels = batch["pixel_values"]
-        model(batch["input_ids"], pixels if vision is None and len(pixels) else None, vision=vision)
+        model(batch["input_ids"], **context_inputs(batch))
     return counter.get_total_flops()
 
 
