@@ -18,7 +18,7 @@ help: ## show this help
 install: $(STAMP) $(GPT2_BPE) ## create .venv, install the package with its dev tools and GPT-2's BPE file
 
 $(GPT2_BPE): | $(STAMP)
-	$(PY) -m vlm.text_accounting install gpt2
+	$(PY) -m vlm.app.text_accounting install gpt2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ test: install ## ruff, then the default test suite (CPU, no network; slow tests 
 test-all: install ## every test, the slow ones too (pytest -m slow alone: only those)
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 
-ocr: install ## the OCR engines of the baseline arm (python -m vlm.eval.ocr_engines)
+ocr: install ## the OCR engines of the baseline arm (python -m vlm.app.ocr_engines)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ocr]"
 	@command -v tesseract >/dev/null || echo "Tesseract is a system package: apt-get install tesseract-ocr"
 

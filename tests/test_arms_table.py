@@ -1,4 +1,4 @@
-"""`python -m vlm.eval.arms_table`: one table of a sweep's arms and OCR-engine runs, with 95% intervals."""
+"""`python -m vlm.app.arms_table`: one table of a sweep's arms and OCR-engine runs, with 95% intervals."""
 
 import json
 import math
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlm.eval.arms_table import bootstrap_ratio, main, positions, wilson_interval, write_table
+from vlm.app.arms_table import main
+from vlm.eval.arms_table import bootstrap_ratio, positions, wilson_interval, write_table
 from vlm.eval.benchmarks.base import Context, Item
 from vlm.eval.benchmarks.synthetic import SyntheticBenchmark
 from vlm.eval.runner import write_result

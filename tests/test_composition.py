@@ -99,9 +99,9 @@ def test_recipe_trains_a_step_at_test_sizes(make_cfg, experiment):
     assert all(p.grad is not None for name, p in module.named_parameters() if name in trainable)
 
 
-def test_readme_token_table_is_what_the_models_compute():
+def test_the_manuals_token_table_is_what_the_models_compute():
     from vlm.app.catalog import token_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
     table = token_table()
-    assert table in readme, f"README.md is out of date; paste `python -m vlm.app.catalog`:\n{table}"
+    assert table in usage, f"docs/usage.md is out of date; paste `python -m vlm.app.catalog`:\n{table}"

@@ -1,4 +1,4 @@
-"""`python -m vlm.eval.compression_arms`: benchmark=synthetic_compression runs of several arms merged into one
+"""`python -m vlm.app.compression_arms`: benchmark=synthetic_compression runs of several arms merged into one
 table per (arm, point) and one plot per tokenizer."""
 
 import json
@@ -9,12 +9,13 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 
+from vlm.app.compression_arms import main
 from vlm.app.run import evaluate_checkpoint
 from vlm.config import compose
 from vlm.eval.arms_table import bootstrap_ratio
 from vlm.eval.benchmarks.base import Context, Item
 from vlm.eval.benchmarks.synthetic import FOX_REFERENCE, SyntheticCompression
-from vlm.eval.compression_arms import main, write_merged
+from vlm.eval.compression_arms import write_merged
 from vlm.eval.runner import write_result
 
 VISION_TOKENS = 4

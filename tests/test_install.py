@@ -157,7 +157,7 @@ def test_a_regular_install_trains_from_another_directory(wheel, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     overrides = ["debug=fast_dev_run", "logger=csv", *TINY_DATA, *TINY_MODEL]
-    gpt2 = REFERENCE_DIR / "gpt2.tiktoken"  # reference tokenizer: `python -m vlm.text_accounting install`
+    gpt2 = REFERENCE_DIR / "gpt2.tiktoken"  # reference tokenizer: `python -m vlm.app.text_accounting install`
     if gpt2.is_file():  # puts it under sys.prefix; copied here, offline
         (env_dir / "share" / "vlm" / "reference_tokenizers").mkdir(parents=True)
         shutil.copy2(gpt2, env_dir / "share" / "vlm" / "reference_tokenizers")

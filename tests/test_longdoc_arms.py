@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from tests.conftest import run_cli
 from tests.helpers import OCR_ENGINES_MISSING
 from vlm import IMAGE_TOKEN
+from vlm.app.longdoc_table import main as table_main
 from vlm.contracts import ImagePreprocessing, context_inputs
 from vlm.data.datamodule import read_shards
 from vlm.data.longdoc import NAMES, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
@@ -23,7 +24,6 @@ from vlm.data.render import load_font
 from vlm.eval.arms_table import wilson_interval
 from vlm.eval.benchmarks.base import Context
 from vlm.eval.benchmarks.longdoc import LongDocBenchmark, ocr_document
-from vlm.eval.longdoc_table import main as table_main
 from vlm.eval.longdoc_table import two_level_interval, write_table
 from vlm.models.llms.tokenizer import ByteTokenizer
 from vlm.training.module import VLMModule

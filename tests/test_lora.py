@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.steps import make_batch, train_step
-from vlm.models.llms.lora import ADAPTER, adapter_state_dict, has_lora, merge_checkpoint, merge_lora
+from vlm.models.llms.lora import ADAPTER, adapter_state_dict, has_lora, merge_lora
+from vlm.training.checkpointing import merge_lora_checkpoint
 from vlm.training.module import VLMModule
 
 
@@ -46,7 +47,7 @@ def test_merged_adapters_give_the_same_logits(make_cfg, llm, tmp_path):
         },
         checkpoint,
     )
-    merge_checkpoint(str(checkpoint), str(tmp_path / "merged.ckpt"))
+    merge_lora_checkpoint(str(checkpoint), str(tmp_path / "merged.ckpt"))
     merged = VLMModule.load_from_checkpoint(
         tmp_path / "merged.ckpt", map_location="cpu", weights_only=False
     ).eval()

@@ -11,10 +11,11 @@ from hydra.utils import instantiate
 
 from tests.conftest import TINY_DATA, run_cli
 from tests.helpers import OCR_ENGINES_MISSING
+from vlm.app.ocr_engines import main
 from vlm.app.run import datamodule_without_checkpoint, evaluate_checkpoint
 from vlm.config import add_data_settings, compose
 from vlm.eval.benchmarks.base import Context
-from vlm.eval.ocr_engines import EngineUnavailable, build_engine, main, reading_order
+from vlm.eval.ocr_engines import EngineUnavailable, build_engine, reading_order
 
 
 def eval_cfg(data_dir: Path, out: Path, *overrides: str):
@@ -87,7 +88,7 @@ def test_a_missing_engine_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no tesseract on it
     with pytest.raises(EngineUnavailable, match="apt-get install tesseract-ocr"):
         build_engine("tesseract")
-    proc = run_cli("-m", "vlm.eval.ocr_engines", "--engine", "tesseract")
+    proc = run_cli("-m", "vlm.app.ocr_engines", "--engine", "tesseract")
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: no `tesseract` on PATH")
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # its import fails
     with pytest.raises(EngineUnavailable, match=r"pip install -e '\.\[ocr\]'"):

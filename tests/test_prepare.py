@@ -1,4 +1,4 @@
-"""`python -m vlm.data.prepare`: official raw layouts (written here with the real libraries) -> shards."""
+"""`python -m vlm.app.prepare`: official raw layouts (written here with the real libraries) -> shards."""
 
 import io
 import json
@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from vlm.app import prepare as prepare_cli
 from vlm.contracts import ImagePreprocessing
 from vlm.data import prepare
 from vlm.data.processing import SampleProcessor
@@ -544,7 +545,7 @@ def test_written_samples_feed_the_sample_processor_and_the_cli(tmp_path, capsys)
     make_coco(tmp_path / "coco", train_images=3)
     make_docvqa_release(tmp_path / "docvqa")
     assert (
-        prepare.main(
+        prepare_cli.main(
             ["coco", "--root", str(tmp_path / "coco"), "--out", str(tmp_path / "c"), "--no-progress"]
         )
         == 0
@@ -552,7 +553,7 @@ def test_written_samples_feed_the_sample_processor_and_the_cli(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "train: 3 samples" in printed and "skipped 1 missing_image" in printed
     train_json = tmp_path / "docvqa" / "train_v1.0.json"
-    code = prepare.main(
+    code = prepare_cli.main(
         ["docvqa", "--split", f"train={train_json}", "--out", str(tmp_path / "d"), "--samples-per-shard", "2"]
     )
     assert code == 0
@@ -569,8 +570,8 @@ def test_written_samples_feed_the_sample_processor_and_the_cli(tmp_path, capsys)
         assert item["pixel_values"].shape == (1, 3, 32, 32)
 
     # wrong arguments: a message, not a traceback
-    assert prepare.main(["coco", "--split", "train=nothing.json", "--out", str(tmp_path / "x")]) == 2
+    assert prepare_cli.main(["coco", "--split", "train=nothing.json", "--out", str(tmp_path / "x")]) == 2
     assert "JSON:IMAGE_DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        prepare.main(["olmocr", "--help"])
+        prepare_cli.main(["olmocr", "--help"])
     assert "rotation_correction" in capsys.readouterr().out

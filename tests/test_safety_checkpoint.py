@@ -22,9 +22,9 @@ from vlm.checkpoint import (
     read_lightning_checkpoint,
 )
 from vlm.config import CONFIG_DIR, compose
-from vlm.models.llms.lora import merge_checkpoint
 from vlm.models.llms.nanochat import read_checkpoint
 from vlm.models.pretrained import checkpoint_files, read_checkpoint_file, read_tensors
+from vlm.training.checkpointing import merge_lora_checkpoint
 
 
 class RunsACommand:
@@ -86,7 +86,7 @@ def test_lora_merge_refuses_a_pickled_payload(tiny_checkpoint, tmp_path):
     with pytest.raises(
         pickle.UnpicklingError, match=rf"{re.escape(str(payload))}: it holds the global posix\.system"
     ):
-        merge_checkpoint(str(payload), str(tmp_path / "merged.ckpt"))
+        merge_lora_checkpoint(str(payload), str(tmp_path / "merged.ckpt"))
     assert not marker.exists() and not (tmp_path / "merged.ckpt").exists()
 
 
@@ -107,7 +107,8 @@ REFUSED = [
     ("model.llm._args_", [{"_target_": "os.system", "_args_": ["true"]}], "model.llm._args_.0._target_"),
     ("data.source._target_", "vlm.config.os.system", "data.source._target_"),  # os, imported by vlm
     ("data.source._target_", "vlm.data.datamodule.gopen", "data.source._target_"),  # webdataset's
-    ("data.source._target_", "vlm.bench.__main__.main", "data.source._target_"),  # a module's internals
+    ("data.source._target_", "vlm.app.bench.main", "data.source._target_"),  # a command, not a component
+    ("data.source._target_", "vlm.bench.train.run", "data.source._target_"),
     (
         "data.sources",
         [{"name": "a", "train_urls": {"_target_": "builtins.exec"}}],

@@ -1,4 +1,4 @@
-"""`python -m vlm.data.prepare` on hostile input: one bad item is skipped under a named reason, never
+"""`python -m vlm.app.prepare` on hostile input: one bad item is skipped under a named reason, never
 read from outside the given folders, never hangs or exhausts memory, never aborts its split."""
 
 import gzip
@@ -27,7 +27,7 @@ from tests.test_prepare import (
     skipped,
     upright_page,
 )
-from vlm.data import prepare
+from vlm.app import prepare as prepare_command
 from vlm.data.sources import MAX_IMAGE_PIXELS, Skip, checked_image
 from vlm.data.sources.coco import prepare_coco
 from vlm.data.sources.docvqa import prepare_docvqa
@@ -55,7 +55,7 @@ def prepare_cli(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedPr
     """The CLI in its own process, killed (failing the test) if it hangs."""
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "vlm.data.prepare", *args, "--no-progress"],
+        [sys.executable, "-m", "vlm.app.prepare", *args, "--no-progress"],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -157,10 +157,10 @@ def test_split_and_prefix_names_cannot_leave_out(tmp_path, capsys):
     jsonl.write_text(json.dumps({"text": "hello"}) + "\n")
     out = str(tmp_path / "deep" / "out")
     for name in ("../escaped", str(tmp_path / "absolute"), "a/b", "..", "."):
-        assert prepare.main(["text", "--split", f"{name}={jsonl}", "--out", out]) == 2
+        assert prepare_command.main(["text", "--split", f"{name}={jsonl}", "--out", out]) == 2
         error = capsys.readouterr().err
         assert "--split" in error and repr(name) in error
-    assert prepare.main(["text", "--split", f"train={jsonl}", "--out", out, "--prefix", "../p"]) == 2
+    assert prepare_command.main(["text", "--split", f"train={jsonl}", "--out", out, "--prefix", "../p"]) == 2
     assert "--prefix" in capsys.readouterr().err
     assert [p.name for p in tmp_path.rglob("*")] == ["in.jsonl"]  # nothing written, --out not even made
     with pytest.raises(ValueError, match="split name"):
@@ -302,10 +302,10 @@ def test_olmocr_caps_the_page_side_by_default(tmp_path, capsys):
     index = prepare_olmocr(tmp_path / "out", {"train": tmp_path / "wide"}, **QUIET)
     (sample,) = read_back(tmp_path / "out", index, "train")
     assert Image.open(io.BytesIO(sample["png"])).size[0] == DEFAULT_MAX_SIDE == 2048
-    args = prepare.build_parser().parse_args(["olmocr", "--split", "t=x", "--out", "o"])
+    args = prepare_command.build_parser().parse_args(["olmocr", "--split", "t=x", "--out", "o"])
     assert args.max_side == DEFAULT_MAX_SIDE
     with pytest.raises(SystemExit):
-        prepare.main(["olmocr", "--help"])
+        prepare_command.main(["olmocr", "--help"])
     assert "default 2048" in capsys.readouterr().out
 
     # without a cap, a page too large to train on is skipped before it is rendered

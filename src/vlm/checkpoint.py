@@ -30,6 +30,7 @@ import torch
 
 BUILT_FROM_CONFIG = ("model", "data")  # the parts of a saved run config that are instantiated
 PROJECT_PACKAGE = "vlm"
+COMMAND_PACKAGES = ("vlm.app", "vlm.bench")  # what commands run: never a config's component
 
 
 class UnreadableCheckpointError(ValueError):
@@ -113,8 +114,9 @@ def _refusal(key: str, value: Any) -> str | None:
 
 def is_project_target(target: Any) -> bool:
     """Whether `_target_: <target>` names a public class or function defined in a module of the `vlm`
-    package, as `module.name` (not one the module imports: `vlm.data.datamodule.gopen` is webdataset's)."""
-    if not isinstance(target, str):
+    package, as `module.name` (not one the module imports: `vlm.data.datamodule.gopen` is webdataset's),
+    outside the commands (`vlm.app.prepare.main` would run a command)."""
+    if not isinstance(target, str) or target.startswith(tuple(f"{p}." for p in COMMAND_PACKAGES)):
         return False
     module_name, _, name = target.rpartition(".")
     parts = target.split(".")

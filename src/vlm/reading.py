@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 PDF_EXTENSIONS = ("pdf",)
 READABLE_EXTENSIONS = (*IMAGE_EXTENSIONS, *PDF_EXTENSIONS)
-DEFAULT_DPI = 100.0  # as `python -m vlm.data.prepare olmocr` rasterises training pages
+DEFAULT_DPI = 100.0  # as `python -m vlm.app.prepare olmocr` rasterises training pages
 PDF_INSTALL_HINT = "pip install pypdfium2"
 
 
@@ -137,7 +137,7 @@ def load_reader(ckpt: str | Path, device: str = "auto") -> VLMModule:
 def default_prompt(cfg) -> str:
     """The prompt the checkpoint was trained to read with: its rendered data's (`data.source.prompt`,
     which `benchmark=synthetic` reads back with), else the olmOCR page prompt that
-    `python -m vlm.data.prepare olmocr` writes into real pages' shards (the mix's OCR source)."""
+    `python -m vlm.app.prepare olmocr` writes into real pages' shards (the mix's OCR source)."""
     from vlm.data.sources.olmocr import DEFAULT_PROMPT
 
     source = (cfg.get("data") or {}).get("source") or {}

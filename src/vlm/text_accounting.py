@@ -14,7 +14,7 @@ and each reference in a config list (`reference_tokenizers`, default `[bytes, gp
   named by its last path part.
 
 `gpt2` is GPT-2's BPE (tiktoken's `r50k_base`, 50,257 tokens). It installs from the package registry
-with nothing downloaded at run time: `make install` runs `python -m vlm.text_accounting install`, which
+with nothing downloaded at run time: `make install` runs `python -m vlm.app.text_accounting install`, which
 takes `whisper/assets/gpt2.tiktoken` out of the openai-whisper source distribution (`pip download
 --no-deps`, no other package of it installed) into `REFERENCE_DIR`. Every load checks the file's SHA-256.
 """
@@ -113,7 +113,7 @@ def load_tiktoken_file(path: Path, expected_sha256: str | None = None) -> dict[b
     if expected_sha256 is not None and digest != expected_sha256:
         raise ValueError(
             f"{path}: SHA-256 {digest} is not the expected {expected_sha256}; the file is damaged or not "
-            f"the one named (reinstall it: python -m vlm.text_accounting install)"
+            f"the one named (reinstall it: python -m vlm.app.text_accounting install)"
         )
     ranks = {}
     for line in data.decode("ascii").splitlines():
@@ -157,7 +157,7 @@ def reference_counter(spec: str, directory: Path = REFERENCE_DIR) -> tuple[str, 
         path = Path(directory) / known.file
         if not path.is_file():
             how = (
-                "make install (or python -m vlm.text_accounting install)"
+                "make install (or python -m vlm.app.text_accounting install)"
                 if known.source
                 else f"no package known to ship it: give the path of {known.file} instead of {spec}"
             )
@@ -244,16 +244,3 @@ def install(name: str = "gpt2", directory: Path = REFERENCE_DIR) -> Path:
         raise ValueError(f"{member} of {requirement}: SHA-256 {digest}, expected {known.sha256}")
     atomic_write(target, lambda file: file.write(data))
     return target
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m vlm.text_accounting install [NAME...]`: install known BPE files (default: gpt2)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] != "install":
-        raise SystemExit("usage: python -m vlm.text_accounting install [gpt2 ...]")
-    for name in args[1:] or ["gpt2"]:
-        print(f"{name}: {install(name)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""The README's table of vision tokens per image for every encoder x resampler option at its defaults.
+"""docs/usage.md's table of vision tokens per image for every encoder x resampler option at its defaults.
 
     python -m vlm.app.catalog
 

@@ -1,1 +1,1 @@
-"""Benchmarks (not tests): `python -m vlm.bench <name> [options]`; results go to docs/benchmarks.md."""
+"""Benchmarks (not tests): `python -m vlm.app.bench <name> [options]`; results go to docs/benchmarks.md."""

@@ -1,6 +1,6 @@
 """Loader speed: the streaming pipeline's samples/s per worker against decoding and resizing alone.
 
-    python -m vlm.bench data [--samples 2000] [hydra overrides, e.g. data=coco encoder=siglip sizes=tiny]
+    python -m vlm.app.bench data [--samples 2000] [hydra overrides, e.g. data=coco encoder=siglip sizes=tiny]
 
 The pipeline is what training reads: `data`'s training dataloader with one process (`num_workers=0`,
 so the rate is per worker): shard reading, shuffle buffer, mixing, JSON, image decode + resize +

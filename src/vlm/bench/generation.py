@@ -1,6 +1,6 @@
 """Batched generation: `vlm.generation.generate` against transformers' `generate` on one model and batch.
 
-    python -m vlm.bench generate --batch 8 --prompt-tokens 64 --new-tokens 256
+    python -m vlm.app.bench generate --batch 8 --prompt-tokens 64 --new-tokens 256
 
 Both decode greedily, without early stops, from the same left-padded prompts with image placeholders:
 ours from the token ids and images, transformers' from the same `inputs_embeds` and attention mask.

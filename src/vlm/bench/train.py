@@ -1,6 +1,6 @@
 """Training step: ours (the project's config and training loss) against transformers' Idefics3 at equal sizes.
 
-    python -m vlm.bench train [--batch 4 --text-tokens 64 --steps 3 --repeats 5] [--config OVERRIDE ...]
+    python -m vlm.app.bench train [--batch 4 --text-tokens 64 --steps 3 --repeats 5] [--config OVERRIDE ...]
 
 Ours is built from the train config (`experiment=nanovlm` at the sizes in `DEFAULT_CONFIG`, then the
 `--config` overrides): SigLIP (timm) -> pixel shuffle -> linear without bias -> a transformers Llama,

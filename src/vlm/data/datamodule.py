@@ -627,7 +627,7 @@ class ShardDataModule(L.LightningDataModule):
             return expand_urls(urls)
         except FileNotFoundError as error:
             raise FileNotFoundError(
-                f"{what}: {error}; write them with `python -m vlm.data.prepare <dataset>` (see "
+                f"{what}: {error}; write them with `python -m vlm.app.prepare <dataset>` (see "
                 f"conf/data/*.yaml) or point the data.*_urls at existing shards"
             ) from error
 

@@ -8,8 +8,8 @@ of <name> is <value>." planted at random sentence boundaries (names from `NAMES`
 <name>?", the value as the exact answer), and renders the document into as many pages of `image_size`
 as it needs. It writes them once as shards (`RenderedShards`, as the synthetic data):
 
-    python -m vlm.data.longdoc                        # conf/data/longdoc.yaml
-    python -m vlm.data.longdoc data.source.max_chars=2000 data.source.image_size=[64,512]
+    python -m vlm.app.longdoc                        # conf/data/longdoc.yaml
+    python -m vlm.app.longdoc data.source.max_chars=2000 data.source.image_size=[64,512]
 
 A sample has its pages (`<key>.0.png`, ...), the vision prompt (one `<image>` per page, then the
 question) and in `meta` the document text, the question, the page boundaries and the page with the
@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -36,7 +35,7 @@ from vlm import IMAGE_TOKEN, corpus
 from vlm.data.datamodule import ShardDataModule, stable_seed
 from vlm.data.processing import BadSample, SampleProcessor, load_record
 from vlm.data.render import TextDoesNotFit, line_layout, load_font, random_style, render, wrap
-from vlm.data.synthetic import RenderedShards, main, png_bytes
+from vlm.data.synthetic import RenderedShards, png_bytes
 
 NAMES = (
     "Alder", "Aster", "Basil", "Birch", "Cedar", "Clover", "Dahlia", "Daisy",
@@ -421,7 +420,3 @@ class LongDocDataModule(ShardDataModule):
             )
 
         super().__init__(factory, pad_id, source=source, **kwargs)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:], data="longdoc")

@@ -1,11 +1,11 @@
 """Official raw dataset layouts -> webdataset shards in the common sample schema, resumably.
 
-    python -m vlm.data.prepare coco   --root /data/coco --out data/coco
-    python -m vlm.data.prepare docvqa --split validation='/data/DocVQA/validation-*.parquet' --out data/docvqa
-    python -m vlm.data.prepare olmocr --split train=/data/olmOCR-mix-1025-extracted/00_documents/train --out data/olmocr
-    python -m vlm.data.prepare text   --split train=/data/text/part-0.jsonl --out data/text
+    python -m vlm.app.prepare coco   --root /data/coco --out data/coco
+    python -m vlm.app.prepare docvqa --split validation='/data/DocVQA/validation-*.parquet' --out data/docvqa
+    python -m vlm.app.prepare olmocr --split train=/data/olmOCR-mix-1025-extracted/00_documents/train --out data/olmocr
+    python -m vlm.app.prepare text   --split train=/data/text/part-0.jsonl --out data/text
 
-`python -m vlm.data.prepare <source> --help` documents each source's arguments.
+`python -m vlm.app.prepare <source> --help` documents each source's arguments.
 
 Output: `<out>/<split>/<prefix>-000000.tar, ...` with exactly `--samples-per-shard` samples in every
 shard but the last of a split, and `<out>/index.json`: samples per split and task, the shard list per
@@ -23,11 +23,9 @@ error unless `--overwrite`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -378,44 +376,3 @@ def summary(index: dict, out: str | Path = "") -> str:
             lines.append(f"  skipped {entry['count']} {reason}: {shown}")
     lines.append(f"index: {Path(out) / INDEX_FILE}")
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from importlib import import_module
-
-    from vlm.data.sources import add_common_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m vlm.data.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="source", required=True, metavar="{" + ",".join(SOURCES) + "}")
-    for name in SOURCES:
-        module = import_module(f"vlm.data.sources.{name}")
-        command = sub.add_parser(
-            name,
-            help=module.__doc__.strip().splitlines()[0],
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(command)
-        add_common_arguments(command)
-        command.set_defaults(run=module.run)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        index = args.run(args)
-    except (PrepareError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary(index, args.out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The built-in dataset: English prose rendered with Pillow, written once as webdataset shards.
 
-python -m vlm.data.synthetic                      # the default config (conf/data/synthetic.yaml)
-python -m vlm.data.synthetic data.source.num_train=1000 data.source.image_size=[64,256]
+python -m vlm.app.synthetic                      # the default config (conf/data/synthetic.yaml)
+python -m vlm.app.synthetic data.source.num_train=1000 data.source.image_size=[64,256]
 """
 
 from __future__ import annotations
@@ -169,21 +169,3 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.convert("L").save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def main(argv: list[str], data: str = "synthetic") -> None:
-    """Write the shards of `data=<data>` (a config whose source is a RenderedShards) with overrides."""
-    from hydra.utils import instantiate
-
-    from vlm.config import compose
-
-    logging.basicConfig(level=logging.INFO)
-    # no run directory is made; `hydra.run.dir` would otherwise resolve paths before Hydra knows the cwd
-    cfg = compose("train", [f"data={data}", "hydra.run.dir=.", *argv])
-    source = instantiate(cfg.data.source)
-    for split, shards in source.prepare().items():
-        print(f"{split}: {len(shards)} shard(s) in {source.directory}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

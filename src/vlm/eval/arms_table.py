@@ -1,6 +1,6 @@
 """One table of the arms of a sweep, side by side, with 95% intervals.
 
-python -m vlm.eval.arms_table logs/train/multiruns/<time> [logs/eval/runs/<time> ...] [--out DIR]
+python -m vlm.app.arms_table logs/train/multiruns/<time> [logs/eval/runs/<time> ...] [--out DIR]
 
 Each argument is a multirun dir (a row per job, `<dir>/<job num>/`), a train.py run dir or an eval.py run
 dir (e.g. an OCR engine's predictions scored by `eval.py predictions=`); `NAME=DIR` names its row. A job is
@@ -31,7 +31,6 @@ Writes `arms.md`, `arms.json` (the rows) and `arms.png` (each score per arm with
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -353,23 +352,3 @@ def write_table(arguments: Sequence[str], out_dir: Path) -> list[dict]:
     (out_dir / "arms.json").write_text(json.dumps(json_ready(rows), indent=1))
     plot(rows, out_dir / "arms.png")
     return rows
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m vlm.eval.arms_table", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "runs", nargs="+", help="multirun dirs, train.py or eval.py run dirs; NAME=DIR names a row"
-    )
-    parser.add_argument(
-        "--out", type=Path, help="where arms.md, arms.json, arms.png go (default: the first run)"
-    )
-    args = parser.parse_args(argv)
-    out_dir = args.out or named_path(args.runs[0])[1]
-    write_table(args.runs, out_dir)
-    print((out_dir / "arms.md").read_text() + f"-> {out_dir}/arms.md, arms.json, arms.png")
-
-
-if __name__ == "__main__":
-    main()

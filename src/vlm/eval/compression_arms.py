@@ -1,6 +1,6 @@
 """Every arm's precision against compression on one set of axes: benchmark=synthetic_compression runs merged.
 
-python -m vlm.eval.compression_arms [NAME=]EVAL_DIR ... [--out DIR]
+python -m vlm.app.compression_arms [NAME=]EVAL_DIR ... [--out DIR]
 
 Each argument is an eval.py run dir of `benchmark=synthetic_compression` (a checkpoint of any context arm,
 or an OCR engine's predictions scored by `eval.py predictions=`), or a multirun dir of such runs. Rows are
@@ -30,7 +30,6 @@ or the first argument if it is a multirun dir).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections.abc import Sequence
@@ -42,7 +41,6 @@ from vlm.eval.arms_table import (
     compression_columns,
     json_ready,
     missing,
-    named_path,
     read_eval,
     references,
 )
@@ -224,29 +222,3 @@ def write_merged(arguments: Sequence[str], out_dir: Path) -> list[dict]:
         make(out_dir / f"precision_vs_compression_{name}.png")
         plt.close("all")
     return rows
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m vlm.eval.compression_arms", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "runs",
-        nargs="+",
-        help=f"eval.py run dirs of benchmark={BENCHMARK} (or multirun dirs); NAME=DIR names one",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="where the table and plots go (default: the first run's parent dir, or it if a multirun dir)",
-    )
-    args = parser.parse_args(argv)
-    first = named_path(args.runs[0])[1].resolve()
-    out_dir = args.out or (first if (first / "multirun.yaml").is_file() else first.parent)
-    rows = write_merged(args.runs, out_dir)
-    plots = ", ".join(f"precision_vs_compression_{name}.png" for name in tokenizers(rows))
-    print(markdown(rows) + f"-> {out_dir}: compression_arms.md, compression_arms.json, {plots}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """The long-document arms side by side: one row per arm and document length, seeds pooled.
 
-python -m vlm.eval.longdoc_table logs/train/multiruns/<time> [logs/eval/runs/<time> ...] [--out DIR]
+python -m vlm.app.longdoc_table logs/train/multiruns/<time> [logs/eval/runs/<time> ...] [--out DIR]
 
 Each argument is a multirun dir of train.py (`experiment=longdoc_bpe_cpu longdoc_arm=... seed=...`: a job
 per arm and seed, each with its `eval/` of benchmark=longdoc), a train.py run dir, or an eval.py run dir
@@ -29,7 +29,6 @@ Writes `longdoc_arms.md`, `longdoc_arms.json` ({"rows", "windows", "notes"}) and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -46,7 +45,6 @@ from vlm.eval.arms_table import (
     json_ready,
     listed_runs,
     missing,
-    named_path,
     read_yaml,
     wilson_interval,
 )
@@ -297,25 +295,3 @@ def write_table(arguments: Sequence[str], out_dir: Path) -> list[dict]:
     (out_dir / f"{OUTPUT}.json").write_text(json.dumps(payload, indent=1))
     plot(rows, arm_windows, out_dir / f"{OUTPUT}.png")
     return rows
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m vlm.eval.longdoc_table", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "runs",
-        nargs="+",
-        help="multirun dirs, train.py or eval.py run dirs of benchmark=longdoc; NAME=DIR names an arm",
-    )
-    parser.add_argument(
-        "--out", type=Path, help=f"where {OUTPUT}.md, .json, .png go (default: the first run)"
-    )
-    args = parser.parse_args(argv)
-    out_dir = args.out or named_path(args.runs[0])[1]
-    write_table(args.runs, out_dir)
-    print((out_dir / f"{OUTPUT}.md").read_text() + f"-> {out_dir}/{OUTPUT}.md, .json, .png")
-
-
-if __name__ == "__main__":
-    main()

@@ -97,7 +97,7 @@ class ChunkHead(nn.Module):
     A dense target for every vision token that makes the layout of the tokens canonical: whatever the
     font and its width, token j holds the j-th chunk of k tokens of the text. The decoder then reads
     answer token i from vision token i // k, which (with `model.vision_position_stride` = k) sits at
-    a fixed distance behind it (what it did for the default recipe: README, "How the recipe got
+    a fixed distance behind it (what it did for the default recipe: docs/results.md, "How the recipe got
     there"). Targets: see `answer_targets`, in `units` as for `CTCHead` (k bytes per token by
     default).
     """

@@ -30,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from vlm.checkpoint import UnreadableCheckpointError, load_weights_only, read_lightning_checkpoint
 from vlm.files import atomic_write
 from vlm.models.llms.gpt import tokenizer_from_checkpoint
+from vlm.models.llms.lora import has_lora, merge_lora
 from vlm.models.llms.tokenizer import BPETokenizer
 from vlm.models.pretrained import load_strict
 
@@ -211,3 +212,22 @@ def saved_tokenizer(checkpoint: dict, source: str) -> BPETokenizer | None:
         raise UnreadableCheckpointError(
             f"{source}: its saved tokenizer is not a BPE tokenizer's JSON: {error}"
         ) from error
+
+
+def merge_lora_checkpoint(source: str, target: str) -> None:
+    """A Lightning checkpoint with LoRA adapters -> one with them merged, loadable without peft layers.
+    The source is read weights-only and its config checked (vlm.checkpoint)."""
+    checkpoint = read_lightning_checkpoint(source)
+    module = load_module(source, checkpoint)
+    if not has_lora(module.model):
+        raise ValueError(f"{source} holds no LoRA adapters")
+    merge_lora(module.model)
+    cfg = checkpoint["hyper_parameters"]["cfg"]
+    for llm_cfg in (cfg["model"]["llm"], cfg.get("llm") or {}):
+        if llm_cfg.get("lora"):
+            llm_cfg["lora"]["r"] = 0
+    checkpoint["state_dict"] = module.state_dict()
+    for key in ("optimizer_states", "lr_schedulers"):
+        checkpoint.pop(key, None)  # a merged model is for evaluation, not for resuming
+    torch.save(checkpoint, target)
+    log.info("merged LoRA adapters of %s into %s", source, target)

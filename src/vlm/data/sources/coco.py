@@ -6,8 +6,8 @@ The official download:
     <root>/train2017/000000000009.jpg ...
     <root>/val2017/000000000139.jpg ...
 
-    python -m vlm.data.prepare coco --root /data/coco --out data/coco
-    python -m vlm.data.prepare coco --out data/coco \\
+    python -m vlm.app.prepare coco --root /data/coco --out data/coco
+    python -m vlm.app.prepare coco --out data/coco \\
         --split train=/data/coco/annotations/captions_train2017.json:/data/coco/train2017 \\
         --split val=/data/coco/annotations/captions_val2017.json:/data/coco/val2017
 

@@ -9,11 +9,11 @@ Two layouts, per input file (a split may list several, comma-separated or repeat
     {bytes, path}, docId, ucsf_document_id, ucsf_document_page_no, answers, data_split): rows in file
     order (files sorted by name). An image struct without bytes is read from its path like a JSON one.
 
-    python -m vlm.data.prepare docvqa --out data/docvqa --images-root /data/docvqa/spdocvqa_images \\
+    python -m vlm.app.prepare docvqa --out data/docvqa --images-root /data/docvqa/spdocvqa_images \\
         --split train=/data/docvqa/spdocvqa_qas/train_v1.0_withQT.json \\
         --split val=/data/docvqa/spdocvqa_qas/val_v1.0_withQT.json \\
         --split test=/data/docvqa/spdocvqa_qas/test_v1.0.json
-    python -m vlm.data.prepare docvqa --out data/docvqa \\
+    python -m vlm.app.prepare docvqa --out data/docvqa \\
         --split validation='/data/DocVQA/DocVQA/validation-*.parquet' \\
         --split test='/data/DocVQA/DocVQA/test-*.parquet'
 

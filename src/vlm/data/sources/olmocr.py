@@ -16,10 +16,10 @@ Two layouts, per `--split NAME=PATH[:PDF_DIR]` (repeatable):
 A PDF with several pages is read at `page_number` (1-based) when the row or front matter gives one in
 range, else at its first page.
 
-    python -m vlm.data.prepare olmocr --out data/olmocr --dpi 100 --max-side 1288 \\
+    python -m vlm.app.prepare olmocr --out data/olmocr --dpi 100 --max-side 1288 \\
         --split train=/data/olmOCR-mix-1025-extracted/00_documents/train \\
         --split eval=/data/olmOCR-mix-1025-extracted/00_documents/eval
-    python -m vlm.data.prepare olmocr --out data/olmocr \\
+    python -m vlm.app.prepare olmocr --out data/olmocr \\
         --split train=/data/olmOCR-mix-0225/train-s2pdf.parquet:/data/olmOCR-mix-0225/pdfs
 
 Rasterising: --dpi (default 100) scales the page (72 PDF units per inch); --max-side (default 2048,

@@ -5,7 +5,7 @@ JSON Lines files (`.jsonl`, `.jsonl.gz`; one object per line with the text under
 `text`) and parquet files with a string column --column. Items: non-blank lines / rows in file order
 (files sorted by name within each path).
 
-    python -m vlm.data.prepare text --out data/text --split train='/data/text/*.jsonl' --split val=/data/text/val.parquet
+    python -m vlm.app.prepare text --out data/text --split train='/data/text/*.jsonl' --split val=/data/text/val.parquet
 
 A sample: key `text-<item number, 9 digits>`, no image, prompt "" (no <image> marker), answers [text]
 (the text as it is), meta {source, file, line (JSONL, 1-based) or row (parquet, 0-based)}.

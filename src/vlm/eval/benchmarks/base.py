@@ -362,7 +362,7 @@ def empty_for_missing(items: list[Item], predictions: dict[str, str], what: str)
 
 
 def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> list[Item]:
-    """Items from shards written by `python -m vlm.data.prepare` (key, image bytes, prompt, answers,
+    """Items from shards written by `python -m vlm.app.prepare` (key, image bytes, prompt, answers,
     meta); `prompt`, when given, replaces the shard's and may use {question} from the meta."""
     from vlm.data.datamodule import read_shards
     from vlm.data.processing import BadSample, SkipCounter, image_members, load_record

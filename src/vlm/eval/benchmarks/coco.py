@@ -1,6 +1,6 @@
 """COCO captions: BLEU-1..4, ROUGE-L and CIDEr-D without Java (see `vlm.eval.captions`).
 
-Items come from shards written by `python -m vlm.data.prepare coco` (key `coco-<image id>`, all the
+Items come from shards written by `python -m vlm.app.prepare coco` (key `coco-<image id>`, all the
 image's captions as references). Prediction format: the COCO results JSON,
 [{"image_id": int, "caption": str}, ...].
 """

@@ -1,6 +1,6 @@
 """DocVQA: ANLS on val; the test split's answers in the official submission JSON.
 
-Items come from shards written by `python -m vlm.data.prepare docvqa` (key `docvqa-<questionId>`, the
+Items come from shards written by `python -m vlm.app.prepare docvqa` (key `docvqa-<questionId>`, the
 question in the meta). The prompt follows lmms-eval: the question, then "Answer the question using a
 single word or phrase.", at most 32 new tokens. Prediction format: the official submission JSON,
 [{"questionId": int, "answer": str}, ...] (`predictions=FILE` reads the same).

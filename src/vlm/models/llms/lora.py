@@ -5,17 +5,16 @@
 LLM trains only the adapters (a stage that freezes the LLM freezes them too). Lightning checkpoints hold
 the adapters next to the frozen base weights, which is what resuming needs;
 
-    python -m vlm.models.llms.lora merge <in.ckpt> <out.ckpt>
+    python -m vlm.app.lora merge <in.ckpt> <out.ckpt>
 
-writes a checkpoint with every adapter merged into its base weight (and `lora.r = 0` in its config), which
+(`vlm.training.checkpointing.merge_lora_checkpoint`) writes a checkpoint with every adapter merged into its base weight (and `lora.r = 0` in its config), which
 `eval.py ckpt_path=<out.ckpt>` loads like any other; `adapter_state_dict` gives the adapters alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -77,42 +76,3 @@ def merge_lora(module: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, layer.get_base_layer())
     return module
-
-
-def merge_checkpoint(source: str, target: str) -> None:
-    """A Lightning checkpoint with LoRA adapters -> one with them merged, loadable without peft layers.
-    The source is read weights-only and its config checked (vlm.checkpoint)."""
-    from vlm.checkpoint import read_lightning_checkpoint
-    from vlm.training.checkpointing import load_module
-
-    checkpoint = read_lightning_checkpoint(source)
-    module = load_module(source, checkpoint)
-    if not has_lora(module.model):
-        raise ValueError(f"{source} holds no LoRA adapters")
-    merge_lora(module.model)
-    cfg = checkpoint["hyper_parameters"]["cfg"]
-    for llm_cfg in (cfg["model"]["llm"], cfg.get("llm") or {}):
-        if llm_cfg.get("lora"):
-            llm_cfg["lora"]["r"] = 0
-    checkpoint["state_dict"] = module.state_dict()
-    for key in ("optimizer_states", "lr_schedulers"):
-        checkpoint.pop(key, None)  # a merged model is for evaluation, not for resuming
-    torch.save(checkpoint, target)
-    log.info("merged LoRA adapters of %s into %s", source, target)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m vlm.models.llms.lora", description=__doc__.split("\n")[0]
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    merge = commands.add_parser("merge", help="write a checkpoint with the adapters merged")
-    merge.add_argument("source")
-    merge.add_argument("target")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    merge_checkpoint(args.source, args.target)
-
-
-if __name__ == "__main__":
-    main()
