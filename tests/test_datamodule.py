@@ -24,7 +24,7 @@ from vlm.data.datamodule import (
     SourceCollator,
     StreamLoader,
 )
-from vlm.data.processing import SampleProcessor, SkipCounter
+from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.shards import write_index, write_shards
 from vlm.models.llms.tokenizer import ByteTokenizer
 
@@ -75,7 +75,7 @@ def processor(train: bool = True) -> SampleProcessor:
 
 
 def loader(stream: ShardStream, batch_size: int) -> DataLoader:
-    collate = SourceCollator(ByteTokenizer().pad_id, [s.name for s in stream.sources])
+    collate = SourceCollator(Collator(ByteTokenizer().pad_id), [s.name for s in stream.sources])
     return StreamLoader(stream, "train", DataReport(), batch_size=batch_size, collate_fn=collate)
 
 
@@ -138,7 +138,7 @@ def test_mix_config_validates_and_evaluates_on_the_first_source(tmp_path):
     batch = next(iter(dm.val_dataloader()))
     assert batch["sources"] == {"a": 3} and len(batch["keys"]) == 3
     missing = datamodule(sources=[{"name": "c", "weight": 1, "train_urls": f"{tmp_path}/c/*.tar"}])
-    with pytest.raises(FileNotFoundError, match=r"data source 'c' \(train\).*vlm.data.prepare"):
+    with pytest.raises(FileNotFoundError, match=r"data source 'c' \(train\).*vlm.app.prepare"):
         missing.train_dataloader()
 
 

@@ -292,6 +292,7 @@ def test_callback_rates_and_mfu_with_a_fake_clock(make_cfg):
         "perf/images_per_s": 2 * 2 * 2 / 4,
         "perf/tokens_per_s": 2 * 2 * (vision_tokens + 12) * 2 / 4,
         "perf/vision_tokens_per_sample": vision_tokens,
+        "perf/padding_share": 0.0,  # every row full
         "perf/chars_per_vision_token": 12 / vision_tokens,  # 12 letters a..z per answer
         f"perf/compression_{llm}": llm_tokens / vision_tokens,
         "perf/flops_per_step": flops * 2,  # one batch on every rank
@@ -335,7 +336,7 @@ def test_a_short_run_logs_every_perf_key(make_cfg, tmp_path):
     logged = {key for row in rows for key, value in row.items() if key.startswith("perf/") and value}
     rates = {"tokens_per_s", "images_per_s", "samples_per_s", "tflops_per_s", "mfu"}
     llm = llm_tokenizer_name(VLMModule(cfg).model.tokenizer)
-    sizes = {"vision_tokens_per_sample", "peak_memory_gb", "flops_per_step"}
+    sizes = {"vision_tokens_per_sample", "padding_share", "peak_memory_gb", "flops_per_step"}
     reference = {"compression_bytes", "compression_gpt2"}  # conf/train.yaml reference_tokenizers
     sizes |= {"chars_per_vision_token", f"compression_{llm}", *reference}
     shares = {"encoder", "resampler", "projector", "llm", "ctc_head", "chunk_head"}

@@ -38,7 +38,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from vlm.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, open_image
-from vlm.data.processing import IMAGE_EXTENSIONS, BadSample, Collator, SampleProcessor, SkipCounter
+from vlm.data.processing import (
+    IMAGE_EXTENSIONS,
+    BadSample,
+    Collator,
+    PackingCollator,
+    SampleProcessor,
+    SkipCounter,
+)
 from vlm.data.shards import INDEX_FILE, BoundedTarInfo, UnboundedHeader, expand_urls, is_hidden, split_name
 
 log = logging.getLogger(__name__)
@@ -470,16 +477,16 @@ class ShardStream(IterableDataset):
 
 
 # -- batches, loaders and the end-of-run report -------------------------------------------------------
-class SourceCollator(Collator):
-    """Collator that also counts the batch's samples per source (every source named, zeros included,
-    so every rank logs the same keys)."""
+class SourceCollator:
+    """A collator (`Collator`, or `PackingCollator` for packed training rows) whose batches also count
+    their samples per source (every source named, zeros included, so every rank logs the same keys)."""
 
-    def __init__(self, pad_id: int, names: Sequence[str]) -> None:
-        super().__init__(pad_id)
+    def __init__(self, collator: Collator, names: Sequence[str]) -> None:
+        self.collator = collator
         self.names = list(names)
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch = super().__call__(samples)
+        batch = self.collator(samples)
         counts = dict.fromkeys(self.names, 0)
         for sample in samples:
             name = sample.get("source", "data")
@@ -576,7 +583,8 @@ class ShardDataModule(L.LightningDataModule):
     URL webdataset opens). With `sources` (a list of {name, train_urls, weight, val_urls, test_urls})
     training mixes them by weight; validation/test read `val_urls`/`test_urls`, or else the first
     source's. `max_member_bytes` and `max_image_pixels` bound what one tar member may cost
-    (`ReadLimits`).
+    (`ReadLimits`). `packing`: training batches packed into rows of the processor's `max_length`
+    (`PackingCollator`; the LLM must take `segment_ids`).
     """
 
     def __init__(
@@ -599,9 +607,11 @@ class ShardDataModule(L.LightningDataModule):
         batches_per_epoch: int | None = None,
         max_member_bytes: int = MAX_MEMBER_BYTES,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         self.processor_factory, self.pad_id = processor_factory, pad_id
+        self.packing = packing
         self.source = source
         self.urls = {"train": train_urls, "val": val_urls, "test": test_urls}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -707,13 +717,18 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: ShardStream, split: str, batch_size: int, names: Sequence[str]) -> DataLoader:
         trainer = self.trainer
+        collator = (
+            PackingCollator(self.pad_id, dataset.processor.max_length)
+            if self.packing and split == "train"
+            else Collator(self.pad_id)
+        )
         return StreamLoader(
             dataset,
             split,
             self.report,
             epoch_of=(lambda: trainer.current_epoch) if trainer is not None else None,
             batch_size=batch_size,
-            collate_fn=SourceCollator(self.pad_id, names),
+            collate_fn=SourceCollator(collator, names),
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=False,

@@ -322,6 +322,11 @@ class LongDocView:
         self.follow_ups, self.question = follow_ups, question
         self.budget = processor.max_length - answer_slot(processor.tokenizer, values)
 
+    @property
+    def max_length(self) -> int:
+        """The processor's token budget per sample (what a packed row holds)."""
+        return self.processor.max_length
+
     def view_of(self, key: str) -> str:
         if self.view != "both":
             return self.view

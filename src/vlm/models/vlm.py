@@ -14,6 +14,7 @@ from torch import nn
 from vlm import IGNORE_INDEX
 from vlm.contracts import COMPRESSED, CONTEXTS, IN_PROMPT, TiledViews
 from vlm.models.encoders.base import VisionEncoder
+from vlm.models.llms.gpt import segment_positions
 from vlm.models.projectors import WithLayout
 from vlm.models.resamplers import Resampler
 
@@ -327,23 +328,48 @@ class VisionLanguageModel(nn.Module):
         context_ids: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> VLMOutput:
         """The model, one forward: the context encoded (`encode`; or `vision`, vectors already computed),
         placed in the `<image>` positions, the LLM run. `labels` (B, T), aligned with `input_ids` and
         IGNORE_INDEX where nothing is predicted, give the loss: cross-entropy of each position's logits
-        against the next label."""
+        against the next label. `segment_ids` (B, T): rows packed with several samples
+        (`vlm.data.processing.PackingCollator`), each sample's positions counted from its own start and
+        its attention kept to itself; no position predicts the next sample's first token."""
         context = (
             Context(vision) if vision is not None else self.encode(pixel_values, context_ids, context_mask)
         )
         embeds = self.embed_inputs(input_ids, vision=context.vectors)
-        positions = self.position_ids(input_ids, attention_mask)
-        logits = self.llm(embeds, attention_mask=attention_mask, position_ids=positions)
+        if segment_ids is None:
+            positions = self.position_ids(input_ids, attention_mask)
+            logits = self.llm(embeds, attention_mask=attention_mask, position_ids=positions)
+        else:
+            if not getattr(self.llm, "supports_packing", False):
+                raise ValueError(
+                    f"data.packing needs an LLM that attends within packed samples (llm=tiny or nanochat_*); "
+                    f"{type(self.llm).__name__} does not"
+                )
+            logits = self.llm(
+                embeds, position_ids=self.packed_position_ids(input_ids, segment_ids), segment_ids=segment_ids
+            )
         loss = None
         if labels is not None:
             # shift the labels, not the logits: slicing the logits would copy them (and their gradient)
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            if segment_ids is not None:
+                crossing = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (0, 1), value=True)
+                targets = targets.masked_fill(crossing, IGNORE_INDEX)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return VLMOutput(logits, loss, context)
+
+    def packed_position_ids(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor | None:
+        """`position_ids` of packed rows: each segment's positions as that sample alone would get them;
+        None when the LLM counts them itself (one per token, restarting at each segment)."""
+        steps = self.position_steps(input_ids)
+        if steps is None:
+            return None
+        starts = segment_positions(segment_ids, steps)  # where each token's own steps begin
+        return starts + steps if self.text_position_steps is not None else starts
 
     def _text_steps(self) -> torch.Tensor | None:
         """How far each token id advances the position under `text_position_unit=byte` (its UTF-8 bytes);

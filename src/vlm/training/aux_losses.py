@@ -27,8 +27,9 @@ def answer_targets(batch: dict, eos_id: int, loss_name: str) -> list[torch.Tenso
             f"{loss_name} > 0 needs exactly one image per sample (rendered-text OCR), or the text of every "
             "image (batch['image_text_ids'], as data=longdoc gives)"
         )
-    is_answer = (batch["labels"] != IGNORE_INDEX) & (batch["labels"] != eos_id)
-    return [row[mask] for row, mask in zip(batch["labels"], is_answer, strict=True)]
+    labels = batch.get("sample_labels", batch["labels"])  # a packed batch keeps each sample's own row
+    is_answer = (labels != IGNORE_INDEX) & (labels != eos_id)
+    return [row[mask] for row, mask in zip(labels, is_answer, strict=True)]
 
 
 def reading_units(units: str, tokenizer) -> tuple[bool, int, int]:

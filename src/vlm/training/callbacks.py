@@ -30,7 +30,8 @@ class Throughput(L.Callback):
     alike): tokens_per_s (non-padding tokens, vision tokens included), images_per_s, samples_per_s,
     tflops_per_s, and flops_per_step (model FLOPs of one batch's forward and backward, window mean, all
     ranks' batches together). Per device: mfu (FLOP/s achieved / peak FLOP/s of one device) and
-    peak_memory_gb (this process's peak so far). This rank's window: vision_tokens_per_sample, and over
+    peak_memory_gb (this process's peak so far). This rank's window: vision_tokens_per_sample,
+    padding_share (the batches' positions that hold no token: what `data.packing` saves), and over
     the samples with images, the text their images stand for (each sample's first answer) per vision
     token: chars_per_vision_token and compression_<tokenizer> for the LLM's tokenizer and each of
     `tokenizers` (reference tokenizer specs, `vlm.text_accounting`), as benchmark=synthetic counts them.
@@ -125,6 +126,7 @@ class Throughput(L.Callback):
                     [
                         batch["attention_mask"].sum(),
                         (input_ids == pl_module.model.tokenizer.image_token_id).sum(),
+                        torch.tensor(input_ids.numel(), device=input_ids.device),
                     ]
                 ),
                 (text_counts.to(input_ids.device, non_blocking=True) * has_images).sum(0),
@@ -132,7 +134,7 @@ class Throughput(L.Callback):
         )
         self._counts = counts if self._counts is None else self._counts + counts
         self._steps += 1
-        self._samples += input_ids.shape[0]
+        self._samples += len(batch["answers"])  # samples, not rows: a packed row holds several
         self._images += batch["pixel_values"].shape[0]
         self._window_flops += self._step_flops
         if self._steps == self.window:
@@ -161,13 +163,14 @@ class Throughput(L.Callback):
         now = self._now(device)
         elapsed = self._elapsed + now - self._start
         self._start = now  # the next window starts here, so the time between windows counts too
-        tokens, vision_tokens, *text_counts = self._counts.tolist()
+        tokens, vision_tokens, positions, *text_counts = self._counts.tolist()
         world = trainer.world_size
         metrics = {
             "perf/tokens_per_s": tokens * world / elapsed,
             "perf/images_per_s": self._images * world / elapsed,
             "perf/samples_per_s": self._samples * world / elapsed,
             "perf/vision_tokens_per_sample": vision_tokens / self._samples,
+            "perf/padding_share": 1 - tokens / positions,  # the batches' positions that are padding
             "perf/peak_memory_gb": peak_memory_gb(device),
             "perf/flops_per_step": self._window_flops * world / self._steps,
             "perf/tflops_per_s": self._window_flops * world / elapsed / 1e12,

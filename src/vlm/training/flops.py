@@ -71,9 +71,13 @@ def _tensors(value) -> list[torch.Tensor]:
 
 def model_parts(module: nn.Module) -> dict[str, nn.Module]:
     """The parts FLOPs are reported for: the children of `module.model` (encoder, resampler, projector,
-    llm) and `module`'s other children (the auxiliary heads)."""
+    llm) and `module`'s other children with parameters (the auxiliary heads; not the metrics)."""
     parts = dict(module.model.named_children())
-    parts.update((name, child) for name, child in module.named_children() if name != "model")
+    parts.update(
+        (name, child)
+        for name, child in module.named_children()
+        if name != "model" and any(True for _ in child.parameters())
+    )
     return parts
 
 

@@ -163,7 +163,10 @@ class VLMModule(L.LightningModule):
             # cannot lean on the language prior alone and has to read the image
             hidden = torch.rand(labels.shape, device=labels.device) < cfg.context_dropout
             input_ids = input_ids.masked_fill(hidden & (labels != IGNORE_INDEX), self.model.tokenizer.pad_id)
-        out = self.model(input_ids, labels=labels, **context_inputs(batch))  # right padding: causal is enough
+        # right padding: causal is enough; a packed batch says where its samples start (segment_ids)
+        out = self.model(
+            input_ids, labels=labels, segment_ids=batch.get("segment_ids"), **context_inputs(batch)
+        )
         parts = {"lm": out.loss}
         if cfg.get("prompt_lm_weight", 0.0) > 0:
             parts["prompt_lm"] = self.prompt_lm(out.logits, batch)
@@ -191,6 +194,9 @@ class VLMModule(L.LightningModule):
             & (input_ids != tokenizer.image_token_id)
             & (input_ids != tokenizer.pad_id)
         )
+        if "segment_ids" in batch:  # a packed row: a sample's first token is no target of the one before
+            segments = batch["segment_ids"]
+            text[:, 1:] &= segments[:, 1:] == segments[:, :-1]
         targets = F.pad(input_ids.masked_fill(~text, IGNORE_INDEX)[:, 1:], (0, 1), value=IGNORE_INDEX)
         if not (targets != IGNORE_INDEX).any():
             return logits.sum() * 0.0  # a batch with no prompt text (a vision view): no loss, same graph

@@ -82,6 +82,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).to(x.dtype)
 
 
+def segment_positions(segment_ids: torch.Tensor, steps: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions (B, T) that restart at 0 where each segment of a packed row starts: the sum of `steps`
+    (how far each token advances the position; 1 each when None) over the earlier tokens of its segment."""
+    steps = torch.ones_like(segment_ids) if steps is None else steps
+    ends = steps.cumsum(-1)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    # each token's segment start: the running maximum of the start indices seen so far
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    first = torch.where(starts, index, 0).cummax(-1).values
+    before = (ends - steps).gather(-1, first)  # the total of the steps before the segment
+    return ends - steps - before
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean attention mask of packed rows: causal, and within a segment only (padding,
+    segment 0, sees itself, so no row of the softmax is empty)."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    eye = torch.eye(T, dtype=torch.bool, device=segment_ids.device)
+    return ((causal & same) | eye)[:, None]
+
+
 class KVCache:
     """Preallocated keys/values for every layer, so each decoding step costs O(current length)."""
 
@@ -172,6 +196,7 @@ class GPT(nn.Module):
     """nanochat's GPT, driven by `inputs_embeds` so vision tokens can be spliced in."""
 
     block_classes = (Block,)
+    supports_packing = True  # forward takes segment_ids (packed rows)
 
     def __init__(self, config: GPTConfig, tokenizer: ByteTokenizer | BPETokenizer | None = None) -> None:
         super().__init__()
@@ -296,17 +321,25 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for embeddings (B, T, C); only the last `logits_to_keep` positions' when > 0
         (decoding needs the last one, and a prompt's full logits over a large vocabulary cost memory).
 
         attention_mask (B, S) covers the cached and the new positions (1 = real token); it is needed
         only with padding on the left. Positions count real tokens, so left padding does not shift them;
-        `position_ids` (B, T) of the new tokens overrides them.
+        `position_ids` (B, T) of the new tokens overrides them. `segment_ids` (B, T) packs several
+        sequences in a row (training, no cache): a token attends only to earlier tokens of its own
+        segment, and positions restart at each (`segment_positions`).
         """
         B, T, _ = inputs_embeds.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if attention_mask is None:
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("packed sequences (segment_ids) are for training: no KV cache")
+            positions = segment_positions(segment_ids)
+            attn_mask = segment_mask(segment_ids)
+        elif attention_mask is None:
             positions = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
             # a chunk after the cache sees the cache and itself causally (query i at past + i)
             attn_mask = (
