@@ -10,7 +10,7 @@ GPT2_BPE := $(VENV)/share/vlm/reference_tokenizers/gpt2.tiktoken
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install train test test-all lint format clean ocr
+.PHONY: help install train test test-all lint format clean ocr gpu-check
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,3 +52,6 @@ clean: ## remove run outputs, caches and generated data (keeps .venv)
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache
 	find data -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+gpu-check: install ## on a CUDA machine: bf16 steps at official sizes (MFU, packed vs unpacked), generation, FSDP smoke -> docs/benchmarks.md
+	$(PY) -m vlm.app.bench gpu --out docs/benchmarks.md

@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (timed with synchronisation)")
 
 
 def build(hidden: int, layers: int) -> VisionLanguageModel:
@@ -79,9 +80,16 @@ def prompts(model: VisionLanguageModel, batch: int, text_tokens: int):
 def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build(args.hidden, args.layers)
-    ids, mask, pixels = prompts(model, args.batch, args.prompt_tokens)
+    device = torch.device(args.device)
+    model = build(args.hidden, args.layers).to(device)
+    ids, mask, pixels = (t.to(device) for t in prompts(model, args.batch, args.prompt_tokens))
     hf = model.llm.model
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     n = args.new_tokens
 
     def ours() -> list[list[int]]:
@@ -105,13 +113,14 @@ def run(args: argparse.Namespace) -> None:
         ours(), theirs()  # warm-up
         for _ in range(args.repeats):
             for name, fn in (("ours", ours), ("transformers", theirs)):
-                start = time.perf_counter()
+                start = now()
                 tokens[name] = fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     rate = {name: args.batch * n / statistics.median(t) for name, t in times.items()}
     same = sum(a == b for a, b in zip(tokens["ours"], tokens["transformers"], strict=True))
     print(
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n"
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}\n"
         f"Llama hidden {args.hidden}, {args.layers} layers; batch {args.batch}, "
         f"{model.vision_tokens_per_image} vision + up to {args.prompt_tokens} text tokens, {n} new tokens\n"
         f"ours:         {rate['ours']:8.0f} tokens/s (runs: {', '.join(f'{t:.2f}s' for t in times['ours'])})\n"
