@@ -12,7 +12,7 @@ from vlm.bench import data, generation, train
 
 def test_generation_benchmark_decodes_the_same_tokens_as_transformers(capsys):
     args = argparse.Namespace(
-        batch=2, prompt_tokens=6, new_tokens=8, hidden=64, layers=1, repeats=1, threads=0
+        batch=2, prompt_tokens=6, new_tokens=8, hidden=64, layers=1, repeats=1, threads=0, device="cpu"
     )
     generation.run(args)
     out = capsys.readouterr().out
