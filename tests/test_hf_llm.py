@@ -15,7 +15,8 @@ from vlm import IMAGE_TOKEN
 from vlm.contracts import ImagePreprocessing
 from vlm.data.processing import SampleProcessor
 from vlm.generation import generate
-from vlm.models.llms.hf import HFCausalLM, build_bytes_tokenizer, build_hf_llm
+from vlm.models.llms.hf import HFCausalLM, build_hf_llm
+from vlm.models.llms.tokenizer import build_bytes_tokenizer
 from vlm.models.pretrained import CheckpointMismatchError
 from vlm.training.module import VLMModule
 

@@ -1,5 +1,8 @@
-"""Tokenizers: UTF-8 bytes plus a few special tokens (no files), a byte-level BPE trained on the built-in
-corpus (HF `tokenizers`, one JSON file), and nanochat's BPE (tiktoken).
+"""Every tokenizer of the project, in one module: UTF-8 bytes plus a few special tokens (no files), a
+byte-level BPE trained on the built-in corpus (HF `tokenizers`, one JSON file), nanochat's BPE (tiktoken),
+and a transformers tokenizer behind the same interface (`HFTokenizer`; `build_bytes_tokenizer`, the bytes
+one in transformers' form, made in code). Loading them from checkpoints and the Hub is the backbones'
+(`hf.load_tokenizer`, `nanochat.load_tokenizer`).
 
 Every tokenizer offers `encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `image_token_id`, `stop_ids`,
 `vocab_size` and `format_prompt`.
@@ -12,7 +15,7 @@ import json
 import logging
 import pickle
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -370,3 +373,117 @@ class NanochatTokenizer:
 
     def format_prompt(self, user_text: str) -> str:
         return f"<|user_start|>{user_text}<|user_end|><|assistant_start|>"
+
+
+# -- transformers tokenizers ------------------------------------------------------------------------
+# end-of-turn tokens of common chat templates: a stop token when the template uses it
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|assistant_end|>")
+
+# A small ChatML template (as SmolLM2 and Qwen2.5 use, without their default system prompts).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BYTES_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def byte_symbols() -> list[str]:
+    """The printable character that byte-level BPE uses for each byte value 0..255: printable Latin-1
+    characters stand for themselves, the others are shifted past 255 in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def build_bytes_tokenizer():
+    """A tokenizer made in code: ids 0..255 are the UTF-8 bytes (byte-level BPE without merges), then
+    `<|endoftext|>` (eos and pad), `<|im_start|>`, `<|im_end|>`; a ChatML chat template; no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: byte for byte, symbol in enumerate(byte_symbols())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(BYTES_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+class HFTokenizer:
+    """A transformers tokenizer with the interface the data pipeline and generation use.
+
+    `<image>` is a special token of its own; `encode` never yields it (callers split prompts on the
+    marker first), and `decode` drops special tokens. `bos_id` is None when the tokenizer has no BOS
+    (Qwen2.5). `stop_ids` are eos plus the chat template's end-of-turn token when it has one.
+    """
+
+    def __init__(self, tokenizer, chat_template: bool = True) -> None:
+        from tokenizers import AddedToken
+
+        self.hf = tokenizer
+        self.use_chat_template = chat_template
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens(
+                [AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True
+            )
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer {type(tokenizer).__name__} has no eos token")
+        self.eos_id: int = tokenizer.eos_token_id
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.bos_id: int | None = tokenizer.bos_token_id
+        template = self.chat_template or ""
+        vocab = tokenizer.get_vocab()
+        end_of_turn = [vocab[token] for token in END_OF_TURN if token in template and token in vocab]
+        self.stop_ids: list[int] = [self.eos_id] + [i for i in end_of_turn if i != self.eos_id]
+        self._image_text = [*self._encode("<"), *self._encode(IMAGE_TOKEN[1:])]
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.hf, "chat_template", None) if self.use_chat_template else None
+        if isinstance(template, Mapping):  # several named templates: the default one
+            template = template.get("default")
+        return template or None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens (`<image>`) included."""
+        return len(self.hf)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False) if text else []
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids, no BOS/EOS added. Special-token strings of the chat template (`<|im_start|>`)
+        become their ids; a literal `<image>` is encoded as ordinary text, never as the placeholder."""
+        ids: list[int] = []
+        for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+            if i:
+                ids += self._image_text
+            ids += self._encode(piece)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids to text, special tokens dropped."""
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def format_prompt(self, user_text: str) -> str:
+        """`user_text` as the user's turn of the chat template, with the assistant's turn opened; the
+        text unchanged when the tokenizer has no template (or `chat_template=False`)."""
+        if self.chat_template is None:
+            return user_text
+        messages = [{"role": "user", "content": user_text}]
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
