@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from tests.conftest import TINY_DATA, TINY_MODEL, run_cli
 from tests.steps import raw_sample, train_step
 from vlm.contracts import context_inputs
-from vlm.data.processing import BadSample, Collator, SampleProcessor
+from vlm.data.processing import Collator, SampleProcessor
+from vlm.data.skips import Skip
 from vlm.training.module import VLMModule
 
 TEXTS = [
@@ -115,7 +116,7 @@ def test_full_text_over_max_length_is_skipped_as_too_long(make_cfg):
     model = VLMModule(make_cfg("context=full_text")).model
     line = "x" * 60
     assert processor_for(model, "truncate", max_length=120)(raw_sample("long", line))
-    with pytest.raises(BadSample, match="'long': too_long"):
+    with pytest.raises(Skip, match="'long': too_long"):
         processor_for(model, "full_text", max_length=120)(raw_sample("long", line))
 
 

@@ -15,9 +15,10 @@ from vlm.app.run import evaluate_checkpoint, train
 from vlm.contracts import ImagePreprocessing
 from vlm.data.datamodule import ShardStream, read_shards
 from vlm.data.longdoc import FACT, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
-from vlm.data.processing import BadSample, Collator, SampleProcessor, SkipCounter
+from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.render import load_font, random_style, render
 from vlm.data.shards import expand_urls, to_tar_entry, write_shards
+from vlm.data.skips import Skip
 from vlm.eval.benchmarks.base import Item, shard_items
 from vlm.eval.runner import GenerationCollator, GenerationSet
 from vlm.models.llms.tokenizer import ByteTokenizer
@@ -87,7 +88,7 @@ def test_pages_are_written_and_read_back_in_order(tmp_path):
 )
 def test_malformed_page_sets_are_named(members, reason):
     raw = {"__key__": "k", "json": json.dumps({"prompt": "<image>", "answers": ["a"]}).encode(), **members}
-    with pytest.raises(BadSample, match=reason) as error:
+    with pytest.raises(Skip, match=reason) as error:
         processor().decode(raw)
     assert error.value.reason == "malformed_record"
 
@@ -239,7 +240,7 @@ def test_views_of_the_same_shard_sample(tmp_path):
     with pytest.raises(ValueError, match=r"data\.view='pages'"):
         LongDocView(processor(), "pages", values)
     for view in ("text", "vision"):
-        with pytest.raises(BadSample, match="not a longdoc sample"):
+        with pytest.raises(Skip, match="not a longdoc sample"):
             LongDocView(processor(), view, values)(to_tar_entry(page_sample("plain", 1)))
 
 

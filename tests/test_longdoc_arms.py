@@ -19,8 +19,9 @@ from vlm.app.longdoc_table import main as table_main
 from vlm.contracts import ImagePreprocessing, context_inputs
 from vlm.data.datamodule import read_shards
 from vlm.data.longdoc import NAMES, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
-from vlm.data.processing import BadSample, Collator, SampleProcessor
+from vlm.data.processing import Collator, SampleProcessor
 from vlm.data.render import load_font
+from vlm.data.skips import Skip
 from vlm.eval.arms_table import wilson_interval
 from vlm.eval.benchmarks.base import Context
 from vlm.eval.benchmarks.longdoc import LongDocBenchmark, ocr_document
@@ -202,14 +203,12 @@ def test_in_prompt_arms_put_each_page_ids_in_its_own_place(make_cfg, context):
 @pytest.mark.parametrize("context", ["text_meanpool", "truncate"])
 def test_a_count_of_texts_other_than_the_images_is_a_named_bad_sample(make_cfg, context):
     _, proc = text_arm(make_cfg, context)
-    with pytest.raises(
-        BadSample, match=r"'doc-7': malformed_record .*2 context text\(s\) for 3 <image>"
-    ) as error:
+    with pytest.raises(Skip, match=r"'doc-7': malformed_record .*2 context text\(s\) for 3 <image>") as error:
         proc(raw("doc-7", IMAGE_TOKEN * 3 + "\nQ?", PAGES[:2]))
     assert error.value.reason == "malformed_record"
-    with pytest.raises(BadSample, match=r"1 context text\(s\) for 3 <image>"):
+    with pytest.raises(Skip, match=r"1 context text\(s\) for 3 <image>"):
         proc(raw("doc-8", IMAGE_TOKEN * 3 + "\nQ?", "one string"))
-    with pytest.raises(BadSample, match=r"'doc-9': empty_text \(the context texts \[1\] are empty\)"):
+    with pytest.raises(Skip, match=r"'doc-9': empty_text \(the context texts \[1\] are empty\)"):
         proc(raw("doc-9", IMAGE_TOKEN * 2 + "\nQ?", ["a page", ""]))
 
 

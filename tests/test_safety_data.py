@@ -21,8 +21,9 @@ from tests.test_datamodule import png, processor, samples
 from vlm.contracts import ImagePreprocessing
 from vlm.data.datamodule import ReadLimits, ShardDataModule, ShardStream, count_samples, read_shards
 from vlm.data.images import open_image, to_rgb
-from vlm.data.processing import BadSample, ImageProcessor, SkipCounter, load_record
+from vlm.data.processing import ImageProcessor, SkipCounter, load_record
 from vlm.data.shards import tar_keys, to_tar_entry, write_shards
+from vlm.data.skips import Skip
 
 GiB = 2**30
 
@@ -121,7 +122,7 @@ def test_a_record_nested_200k_deep_is_skipped_as_malformed_record(tmp_path):
     )
     keys, skipped = read([url])
     assert keys == ["a-00000"] and skipped == {"malformed_record": 2}
-    with pytest.raises(BadSample, match=r"malformed_record \(nested 200000 deep"):
+    with pytest.raises(Skip, match=r"malformed_record \(nested 200000 deep"):
         load_record(b"[" * 200_000, "deep")
 
 
@@ -129,8 +130,8 @@ def test_deep_json_cannot_crash_the_interpreter_even_with_a_raised_recursion_lim
     """json.loads recurses in C per level: with a raised limit, 200k levels overflow the stack (SIGSEGV)."""
     code = (
         "import sys; sys.setrecursionlimit(10**6)\n"
-        "from vlm.data.processing import BadSample, load_record\n"
-        "try:\n    load_record(b'[' * 200_000, 'deep')\nexcept BadSample as error:\n    print(error.reason)\n"
+        "from vlm.data.processing import load_record\nfrom vlm.data.skips import Skip\n"
+        "try:\n    load_record(b'[' * 200_000, 'deep')\nexcept Skip as error:\n    print(error.reason)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "malformed_record", run
@@ -144,7 +145,7 @@ def test_a_lone_surrogate_is_skipped_as_invalid_unicode_and_a_pair_is_kept(tmp_p
     url = write_shards([base[0], lone_answer, lone_prompt, pair], tmp_path, "u", 10)[0]
     keys, skipped = read([url])
     assert keys == ["u-00000", "u-00003"] and skipped == {"invalid_unicode": 2}
-    with pytest.raises(BadSample, match="invalid_unicode"):  # a record given as text, the surrogate unescaped
+    with pytest.raises(Skip, match="invalid_unicode"):  # a record given as text, the surrogate unescaped
         load_record('{"answers": ["\ud800"]}', "k")
 
 
@@ -241,7 +242,7 @@ def test_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path):
     keys, skipped = read([url], ReadLimits(max_image_pixels=63))  # the good ones are 8x8
     assert keys == [] and skipped == {"image_too_large": 3}
     raw = {"__key__": "bomb", "json": members(base[1])[0][1], "png": png_claiming(100_000, 100_000)}
-    with pytest.raises(BadSample, match="image_too_large"):  # a raw sample that bypassed the reader
+    with pytest.raises(Skip, match="image_too_large"):  # a raw sample that bypassed the reader
         processor().decode(raw)
 
 
@@ -251,7 +252,7 @@ def test_an_image_member_in_another_format_is_not_opened_as_that_format():
     with pytest.raises(Image.UnidentifiedImageError):
         open_image(eps)
     raw = {"__key__": "eps", "json": members(samples("e", 1)[0])[0][1], "png": eps}
-    with pytest.raises(BadSample, match="corrupt_image"):
+    with pytest.raises(Skip, match="corrupt_image"):
         processor().decode(raw)
 
 

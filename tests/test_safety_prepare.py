@@ -28,7 +28,8 @@ from tests.test_prepare import (
     upright_page,
 )
 from vlm.app import prepare as prepare_command
-from vlm.data.sources import MAX_IMAGE_PIXELS, Skip, checked_image
+from vlm.data.skips import Skip
+from vlm.data.sources import MAX_IMAGE_PIXELS, checked_image
 from vlm.data.sources.coco import prepare_coco
 from vlm.data.sources.docvqa import prepare_docvqa
 from vlm.data.sources.olmocr import DEFAULT_MAX_SIDE, parse_markdown, prepare_olmocr

@@ -231,7 +231,7 @@ def page_image(page: Page, dpi: float = DEFAULT_DPI) -> ImageSource:
     PDF page rasterised at `dpi` with the long side capped as for training pages."""
     if not page.is_pdf:
         return Path(page.file)
-    from vlm.data.sources import Skip
+    from vlm.data.skips import Skip
     from vlm.data.sources.olmocr import DEFAULT_MAX_SIDE, rasterise
 
     try:

@@ -40,13 +40,13 @@ from webdataset.gopen import gopen
 from vlm.data.images import MAX_IMAGE_PIXELS, ImageTooLarge, open_image
 from vlm.data.processing import (
     IMAGE_EXTENSIONS,
-    BadSample,
     Collator,
     PackingCollator,
     SampleProcessor,
     SkipCounter,
 )
 from vlm.data.shards import INDEX_FILE, BoundedTarInfo, UnboundedHeader, expand_urls, is_hidden, split_name
+from vlm.data.skips import Skip
 
 log = logging.getLogger(__name__)
 # a page scan is a few MB; 64 MiB leaves room for large pages and bounds what one member can cost
@@ -81,7 +81,7 @@ def read_shard(url: str, quiet: bool = False, limits: ReadLimits = ReadLimits())
     same data).
     """
 
-    def skip(error: BadSample) -> None:
+    def skip(error: Skip) -> None:
         if not quiet:
             SkipCounter.add(error)
 
@@ -94,7 +94,7 @@ def read_shard(url: str, quiet: bool = False, limits: ReadLimits = ReadLimits())
                 if name is None:
                     if not info.isdir():
                         reason = "hidden_member" if is_hidden(info.name) else "stray_member"
-                        skip(BadSample(info.name, reason, f"in {url}: {member_kind(info)}"))
+                        skip(Skip(reason, f"in {url}: {member_kind(info)}", key=info.name))
                     continue
                 key, ext = name
                 if current is not None and key != current["__key__"]:
@@ -107,7 +107,7 @@ def read_shard(url: str, quiet: bool = False, limits: ReadLimits = ReadLimits())
                     continue
                 try:
                     current[ext] = read_member(tar, info, key, url, limits)
-                except BadSample as error:
+                except Skip as error:
                     skip(error)
                     dropped = True
         if current is not None and not dropped:
@@ -116,7 +116,7 @@ def read_shard(url: str, quiet: bool = False, limits: ReadLimits = ReadLimits())
         reason = "truncated_tar" if members else "unreadable_tar"
         if isinstance(error, UnboundedHeader):
             reason = "too_large"
-        skip(BadSample(url, reason, f"{type(error).__name__}: {error}"))
+        skip(Skip(reason, f"{type(error).__name__}: {error}", key=url))
 
 
 def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -129,16 +129,16 @@ def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 def read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, key: str, url: str, limits: ReadLimits) -> bytes:
     """A sample's member, read once its size (and for an image, its pixel count) is within `limits`;
-    else BadSample (`too_large`, `image_too_large`) naming the shard and the member."""
+    else Skip (`too_large`, `image_too_large`) naming the shard and the member."""
     where = f"{url}: {info.name}"
     if info.size > limits.max_member_bytes:
-        raise BadSample(key, "too_large", f"{where}: {info.size} bytes, over {limits.max_member_bytes}")
+        raise Skip("too_large", f"{where}: {info.size} bytes, over {limits.max_member_bytes}", key=key)
     data = tar.extractfile(info).read()
     if info.name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
         try:
             open_image(data, limits.max_image_pixels)
         except ImageTooLarge as error:
-            raise BadSample(key, "image_too_large", f"{where}: {error}") from error
+            raise Skip("image_too_large", f"{where}: {error}", key=key) from error
         except Exception:  # not an image at all: decoding says so (corrupt_image)
             pass
     return data
@@ -380,7 +380,7 @@ class ShardStream(IterableDataset):
     def _process(self, raw: dict, name: str, quiet: bool = False) -> dict | None:
         try:
             sample = self.processor(raw)
-        except BadSample as error:
+        except Skip as error:
             if not quiet:
                 SkipCounter.add(error)
             return None

@@ -33,8 +33,9 @@ from typing import ClassVar
 
 from vlm import IMAGE_TOKEN, corpus
 from vlm.data.datamodule import ShardDataModule, stable_seed
-from vlm.data.processing import BadSample, SampleProcessor, load_record
+from vlm.data.processing import SampleProcessor, load_record
 from vlm.data.render import TextDoesNotFit, line_layout, load_font, random_style, render, wrap
+from vlm.data.skips import Skip
 from vlm.data.synthetic import RenderedShards, png_bytes
 
 NAMES = (
@@ -347,7 +348,7 @@ class LongDocView:
             if not isinstance(document, str) or not isinstance(question, str):
                 raise TypeError("document and question must be strings")
         except (KeyError, TypeError, ValueError) as error:
-            raise BadSample(key, "malformed_record", f"not a longdoc sample ({error!r})") from error
+            raise Skip("malformed_record", f"not a longdoc sample ({error!r})", key=key) from error
         view = self.view_of(key)
         if view == "text":  # the pages dropped, the document's text in the prompt
             prompt, _ = text_prompt(document, question, self.encode, self.budget)
@@ -359,10 +360,10 @@ class LongDocView:
         sample["view"] = view
         if view == "vision":
             if len(pages) != len(sample["pixel_values"]):
-                raise BadSample(
-                    key,
+                raise Skip(
                     "malformed_record",
                     f"{len(pages)} page texts for {len(sample['pixel_values'])} pages",
+                    key=key,
                 )
             sample["image_text_ids"] = [self.processor.tokenizer.encode(page) for page in pages]
         if self.follow_ups and self.processor.train:
@@ -385,7 +386,7 @@ class LongDocView:
                 for fact in random.sample(others, len(others))
             ]
         except (KeyError, TypeError) as error:
-            raise BadSample(key, "malformed_record", f"its facts cannot be asked ({error!r})") from error
+            raise Skip("malformed_record", f"its facts cannot be asked ({error!r})", key=key) from error
         answer, room = list(sample["answer_ids"]), self.processor.max_length - len(sample["prompt_ids"])
         for turn in turns:
             if len(answer) + len(turn) > room:

@@ -36,7 +36,8 @@ from typing import Any
 from tqdm import tqdm
 
 from vlm.data.shards import INDEX_FILE, TAR_FORMAT, add_to_tar, read_index, tar_keys, write_index
-from vlm.data.sources import Skip, Split, check_name
+from vlm.data.skips import Skip
+from vlm.data.sources import Split, check_name
 
 STATE_FILE = "_progress.json"
 MAX_EXAMPLES = 5  # skipped items listed by key per reason in index.json

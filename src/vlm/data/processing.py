@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from vlm import IGNORE_INDEX, IMAGE_TOKEN
 from vlm.contracts import CONTEXTS, IN_PROMPT, ImagePreprocessing, TiledViews
 from vlm.data.images import ImageTooLarge, open_image, to_rgb
+from vlm.data.skips import Skip
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
@@ -26,25 +27,6 @@ JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 # \ud800..\udfff escaped, or encoded (from a str): a surrogate pair, or a lone surrogate
 SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used; `reason` is the short name it is counted under.
-
-    Reasons: `malformed_json` (the .json member does not parse), `malformed_record` (no .json member,
-    nested deeper than `MAX_JSON_DEPTH`, fields missing or of the wrong type, pages not numbered
-    0..n-1), `invalid_unicode` (a string holds a lone surrogate, which no tokenizer encodes),
-    `empty_text` (every answer is empty), `corrupt_image` (an image or page does not decode),
-    `image_too_large` (more pixels than allowed, from its header), `missing_image` (the prompt has more
-    `<image>` markers than the sample has images), `too_long` (prompt with every image's placeholders
-    and answer over `max_length`); the readers add `too_large` (a tar member or header over the size
-    limit), `hidden_member` and `stray_member` (tar members that belong to no sample), and
-    `unreadable_tar` and `truncated_tar` (once per shard read).
-    """
-
-    def __init__(self, key: str, reason: str, detail: str = "") -> None:
-        super().__init__(f"sample {key!r}: {reason}" + (f" ({detail})" if detail else ""))
-        self.key, self.reason = key, reason
 
 
 def image_members(raw: dict) -> list[tuple[str, bytes]]:
@@ -62,33 +44,33 @@ def image_members(raw: dict) -> list[tuple[str, bytes]]:
         return plain
     key = raw.get("__key__", "?")
     if plain:
-        raise BadSample(key, "malformed_record", f"pages {sorted(pages)} and a plain .{plain[0][0]} image")
+        raise Skip("malformed_record", f"pages {sorted(pages)} and a plain .{plain[0][0]} image", key=key)
     if sorted(pages) != list(range(len(pages))):
-        raise BadSample(key, "malformed_record", f"pages must be numbered 0..n-1, got {sorted(pages)}")
+        raise Skip("malformed_record", f"pages must be numbered 0..n-1, got {sorted(pages)}", key=key)
     return [pages[i] for i in range(len(pages))]
 
 
 def load_record(data: bytes | str, key: str) -> dict:
-    """A sample's `.json` member -> its record (a dict), or BadSample: `malformed_json` when it does not
+    """A sample's `.json` member -> its record (a dict), or Skip: `malformed_json` when it does not
     parse, `malformed_record` when it is not an object or nests deeper than `MAX_JSON_DEPTH`,
     `invalid_unicode` when a string holds a lone surrogate."""
     if not isinstance(data, bytes | str):
-        raise BadSample(key, "malformed_json", f"the .json member is a {type(data).__name__}")
+        raise Skip("malformed_json", f"the .json member is a {type(data).__name__}", key=key)
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     # as many opening brackets as the limit cannot nest deeper: only longer lists are scanned
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and (depth := json_depth(raw)) > MAX_JSON_DEPTH:
-        raise BadSample(key, "malformed_record", f"nested {depth} deep, over {MAX_JSON_DEPTH}")
+        raise Skip("malformed_record", f"nested {depth} deep, over {MAX_JSON_DEPTH}", key=key)
     try:
         record = json.loads(data)
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BadSample(key, "malformed_json", f"{type(error).__name__}: {error}") from error
+        raise Skip("malformed_json", f"{type(error).__name__}: {error}", key=key) from error
     if not isinstance(record, dict):
-        raise BadSample(key, "malformed_record", f"the record is a {type(record).__name__}, not an object")
+        raise Skip("malformed_record", f"the record is a {type(record).__name__}, not an object", key=key)
     if (b"\\u" in raw or b"\xed" in raw) and SURROGATE.search(raw):  # finds first: the regex is slower
         try:
             json.dumps(record, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as error:
-            raise BadSample(key, "invalid_unicode", f"a lone surrogate: {error}") from error
+            raise Skip("invalid_unicode", f"a lone surrogate: {error}", key=key) from error
     return record
 
 
@@ -113,7 +95,7 @@ class SkipCounter:
     max_warnings: ClassVar[int] = 10
 
     @classmethod
-    def add(cls, error: BadSample) -> None:
+    def add(cls, error: Skip) -> None:
         cls.counts[error.reason] += 1
         cls.warned[error.reason] += 1
         if cls.warned[error.reason] <= cls.max_warnings:
@@ -260,16 +242,16 @@ class SampleProcessor:
                 image = open_image(data, max_pixels=None)  # the reader checked data.max_image_pixels
                 image.load()
             except ImageTooLarge as error:
-                raise BadSample(key, "image_too_large", f"{name}: {error}") from error
+                raise Skip("image_too_large", f"{name}: {error}", key=key) from error
             except Exception as error:
-                raise BadSample(key, "corrupt_image", f"{name}: {type(error).__name__}: {error}") from error
+                raise Skip("corrupt_image", f"{name}: {type(error).__name__}: {error}", key=key) from error
             images.append(image)
         markers = record["prompt"].count(IMAGE_TOKEN)
         if markers > len(images):
-            raise BadSample(
-                key,
+            raise Skip(
                 "missing_image",
                 f"the prompt has {markers} {IMAGE_TOKEN} marker(s), the sample {len(images)} image(s)",
+                key=key,
             )
         return record, images
 
@@ -277,7 +259,7 @@ class SampleProcessor:
         """The sample's record with its prompt and answers checked (empty answers dropped)."""
         key = raw.get("__key__", "?")
         if "json" not in raw:
-            raise BadSample(key, "malformed_record", f"no .json member (members: {sorted(raw)})")
+            raise Skip("malformed_record", f"no .json member (members: {sorted(raw)})", key=key)
         record = load_record(raw["json"], key)
         try:
             answers = record["answers"]
@@ -287,10 +269,10 @@ class SampleProcessor:
                 raise ValueError("prompt is null")
             record["prompt"] = str(record["prompt"])
         except (KeyError, ValueError, TypeError) as error:
-            raise BadSample(key, "malformed_record", f"{type(error).__name__}: {error}") from error
+            raise Skip("malformed_record", f"{type(error).__name__}: {error}", key=key) from error
         record["answers"] = [a for a in answers if a.strip()]
         if not record["answers"]:
-            raise BadSample(key, "empty_text", f"every answer is empty: {answers!r}")
+            raise Skip("empty_text", f"every answer is empty: {answers!r}", key=key)
         return record
 
     def encode_prompt(self, prompt: str, num_images: int, placeholders: list[int] | None = None) -> list[int]:
@@ -344,17 +326,17 @@ class SampleProcessor:
         texts = context_texts(record, key)
         markers = record["prompt"].count(IMAGE_TOKEN)
         if markers != len(texts) and not (len(texts) == 1 and markers == 0):
-            raise BadSample(
-                key,
+            raise Skip(
                 "malformed_record",
                 f"context={self.context}: {len(texts)} context text(s) for {markers} {IMAGE_TOKEN} "
                 f"marker(s) in the prompt",
+                key=key,
             )
         rows = [self.tokenizer.encode(text) for text in texts]
         empty = [i for i, row in enumerate(rows) if not row]
         if empty:
             which = "the context text is empty" if len(rows) == 1 else f"the context texts {empty} are empty"
-            raise BadSample(key, "empty_text", which)
+            raise Skip("empty_text", which, key=key)
         if self.context not in IN_PROMPT:
             prompt_ids = self.prompt_ids(
                 record["prompt"], len(rows), [self.vision_tokens_per_image] * len(rows)
@@ -384,16 +366,14 @@ class SampleProcessor:
             try:
                 prompt_ids = self.prompt_ids(record["prompt"], len(images), self.placeholders(pixel_values))
             except ValueError as error:
-                raise BadSample(key, "malformed_record", str(error)) from error
+                raise Skip("malformed_record", str(error), key=key) from error
         else:
             record, pixel_values = self.read_record(raw), self.images.empty()
             prompt_ids, context = self.text_context(record, key)
         answer = random.choice(record["answers"]) if self.train else record["answers"][0]
         answer_ids = [*self.tokenizer.encode(answer), self.tokenizer.eos_id]
         if len(prompt_ids) + len(answer_ids) > self.max_length:
-            raise BadSample(
-                key, "too_long", f"{len(prompt_ids) + len(answer_ids)} > {self.max_length} tokens"
-            )
+            raise Skip("too_long", f"{len(prompt_ids) + len(answer_ids)} > {self.max_length} tokens", key=key)
         return {
             "key": key,
             "prompt_ids": prompt_ids,

@@ -4,7 +4,8 @@ A converter lists a split's items in a fixed order (`Split`, cheap: no image is 
 into a sample (a picklable callable, the expensive part: read, verify, rasterise). The resumable writer
 (`vlm.data.prepare.write_dataset`) asks for the items from any position, so a re-run skips the items
 of the shards already written without converting them. An item that cannot become a sample raises
-`Skip(reason, message)` and is counted under `reason` in `index.json`.
+`Skip(reason, message)` (`vlm.data.skips`, the type the streams skip by too) and is counted under
+`reason` in `index.json`.
 
 Files named by an annotation are read only from inside the folders given for them (`path_under`,
 symlinks resolved: `outside_root`), and only when they are regular files (`read_file`: `not_a_file`
@@ -27,18 +28,11 @@ from typing import Any
 from PIL import Image
 
 from vlm.data.images import MAX_IMAGE_PIXELS, to_rgb
+from vlm.data.skips import Skip
 
 # what the training reader (vlm.data.processing.IMAGE_EXTENSIONS) decodes, by Pillow format name
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-class Skip(Exception):
-    """An item that cannot become a sample; `reason` is the short name it is counted under."""
-
-    def __init__(self, reason: str, message: str = "") -> None:
-        super().__init__(f"{reason}: {message}" if message else reason)
-        self.reason, self.message = reason, message
 
 
 @dataclass

@@ -365,8 +365,9 @@ def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> li
     """Items from shards written by `python -m vlm.app.prepare` (key, image bytes, prompt, answers,
     meta); `prompt`, when given, replaces the shard's and may use {question} from the meta."""
     from vlm.data.datamodule import read_shards
-    from vlm.data.processing import BadSample, SkipCounter, image_members, load_record
+    from vlm.data.processing import SkipCounter, image_members, load_record
     from vlm.data.shards import expand_urls
+    from vlm.data.skips import Skip
 
     items = []
     for raw in read_shards(expand_urls(urls)):
@@ -387,7 +388,7 @@ def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> li
                 "skipped shard sample %r of %s: not a prepared sample (%s)", key, raw["__url__"], error
             )
             SkipCounter.add(
-                error if isinstance(error, BadSample) else BadSample(key, "malformed_record", str(error))
+                error if isinstance(error, Skip) else Skip("malformed_record", str(error), key=key)
             )
     return items
 
