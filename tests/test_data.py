@@ -8,10 +8,10 @@ from PIL import Image
 
 from vlm import IGNORE_INDEX, corpus
 from vlm.contracts import ImagePreprocessing
-from vlm.data.datamodule import ShardStream
 from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.render import RenderStyle, render
 from vlm.data.shards import expand_urls, write_shards
+from vlm.data.stream import ShardStream
 from vlm.data.synthetic import SyntheticText
 from vlm.models.llms.tokenizer import ByteTokenizer
 

@@ -16,16 +16,11 @@ from torch.utils.data import DataLoader
 
 from tests.conftest import TINY_MODEL, run_cli
 from vlm.contracts import ImagePreprocessing
-from vlm.data.datamodule import (
-    DataReport,
-    ShardDataModule,
-    ShardStream,
-    Source,
-    SourceCollator,
-    StreamLoader,
-)
+from vlm.data.datamodule import ShardDataModule
+from vlm.data.loading import DataReport, SourceCollator, StreamLoader
 from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.shards import write_index, write_shards
+from vlm.data.stream import ShardStream, Source
 from vlm.models.llms.tokenizer import ByteTokenizer
 
 BAD_REASONS = ("corrupt_image", "missing_image", "malformed_json", "empty_text", "truncated_tar")

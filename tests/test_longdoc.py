@@ -13,12 +13,13 @@ from PIL import Image
 from vlm import IMAGE_TOKEN
 from vlm.app.run import evaluate_checkpoint, train
 from vlm.contracts import ImagePreprocessing
-from vlm.data.datamodule import ShardStream, read_shards
 from vlm.data.longdoc import FACT, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
 from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.render import load_font, random_style, render
 from vlm.data.shards import expand_urls, to_tar_entry, write_shards
 from vlm.data.skips import Skip
+from vlm.data.stream import ShardStream
+from vlm.data.tar_reading import read_shards
 from vlm.eval.benchmarks.base import Item, shard_items
 from vlm.eval.runner import GenerationCollator, GenerationSet
 from vlm.models.llms.tokenizer import ByteTokenizer

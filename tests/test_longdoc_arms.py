@@ -17,11 +17,11 @@ from tests.helpers import OCR_ENGINES_MISSING
 from vlm import IMAGE_TOKEN
 from vlm.app.longdoc_table import main as table_main
 from vlm.contracts import ImagePreprocessing, context_inputs
-from vlm.data.datamodule import read_shards
 from vlm.data.longdoc import NAMES, LongDoc, LongDocView, answer_slot, page_texts, paginate, text_prompt
 from vlm.data.processing import Collator, SampleProcessor
 from vlm.data.render import load_font
 from vlm.data.skips import Skip
+from vlm.data.tar_reading import read_shards
 from vlm.eval.arms_table import wilson_interval
 from vlm.eval.benchmarks.base import Context
 from vlm.eval.benchmarks.longdoc import LongDocBenchmark, ocr_document

@@ -106,7 +106,7 @@ REFUSED = [
     ("model.projector", {"_target_": "numpy.savetxt", "_partial_": True}, "model.projector._target_"),
     ("model.llm._args_", [{"_target_": "os.system", "_args_": ["true"]}], "model.llm._args_.0._target_"),
     ("data.source._target_", "vlm.config.os.system", "data.source._target_"),  # os, imported by vlm
-    ("data.source._target_", "vlm.data.datamodule.gopen", "data.source._target_"),  # webdataset's
+    ("data.source._target_", "vlm.data.tar_reading.gopen", "data.source._target_"),  # webdataset's
     ("data.source._target_", "vlm.app.bench.main", "data.source._target_"),  # a command, not a component
     ("data.source._target_", "vlm.bench.train.run", "data.source._target_"),
     (

@@ -19,11 +19,13 @@ from PIL import Image
 
 from tests.test_datamodule import png, processor, samples
 from vlm.contracts import ImagePreprocessing
-from vlm.data.datamodule import ReadLimits, ShardDataModule, ShardStream, count_samples, read_shards
+from vlm.data.datamodule import ShardDataModule
 from vlm.data.images import open_image, to_rgb
 from vlm.data.processing import ImageProcessor, SkipCounter, load_record
 from vlm.data.shards import tar_keys, to_tar_entry, write_shards
 from vlm.data.skips import Skip
+from vlm.data.stream import ShardStream
+from vlm.data.tar_reading import ReadLimits, count_samples, read_shards
 
 GiB = 2**30
 

@@ -114,7 +114,7 @@ def _refusal(key: str, value: Any) -> str | None:
 
 def is_project_target(target: Any) -> bool:
     """Whether `_target_: <target>` names a public class or function defined in a module of the `vlm`
-    package, as `module.name` (not one the module imports: `vlm.data.datamodule.gopen` is webdataset's),
+    package, as `module.name` (not one the module imports: `vlm.data.tar_reading.gopen` is webdataset's),
     outside the commands (`vlm.app.prepare.main` would run a command)."""
     if not isinstance(target, str) or target.startswith(tuple(f"{p}." for p in COMMAND_PACKAGES)):
         return False

@@ -24,8 +24,8 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from vlm.config import compose
-from vlm.data.datamodule import is_local, read_shard
 from vlm.data.processing import IMAGE_EXTENSIONS, ImageProcessor
+from vlm.data.tar_reading import is_local, read_shard
 from vlm.training.builders import build_datamodule
 
 

@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from vlm import IMAGE_TOKEN, corpus
-from vlm.data.datamodule import ShardDataModule, stable_seed
+from vlm.data.datamodule import ShardDataModule
 from vlm.data.processing import SampleProcessor, load_record
 from vlm.data.render import TextDoesNotFit, line_layout, load_font, random_style, render, wrap
 from vlm.data.skips import Skip
+from vlm.data.stream import stable_seed
 from vlm.data.synthetic import RenderedShards, png_bytes
 
 NAMES = (

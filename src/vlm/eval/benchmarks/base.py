@@ -364,10 +364,10 @@ def empty_for_missing(items: list[Item], predictions: dict[str, str], what: str)
 def shard_items(urls, limit: int | None = None, prompt: str | None = None) -> list[Item]:
     """Items from shards written by `python -m vlm.app.prepare` (key, image bytes, prompt, answers,
     meta); `prompt`, when given, replaces the shard's and may use {question} from the meta."""
-    from vlm.data.datamodule import read_shards
     from vlm.data.processing import SkipCounter, image_members, load_record
     from vlm.data.shards import expand_urls
     from vlm.data.skips import Skip
+    from vlm.data.tar_reading import read_shards
 
     items = []
     for raw in read_shards(expand_urls(urls)):
