@@ -50,3 +50,35 @@ def test_a_part_missing_a_member_does_not_meet_the_protocol():
             return text
 
     assert isinstance(ByteTokenizer(), Tokenizer) and not isinstance(NoDecode(), Tokenizer)
+
+
+def test_every_collators_batch_is_a_batch(make_cfg):
+    """The keys of what each collator gives are `Batch`'s, with the required ones always there: plain,
+    packed, per source, for generation (with a failed item), and a text arm's (its context rows)."""
+    from typing import get_type_hints
+
+    from tests.steps import raw_sample
+    from vlm.contracts import Batch
+    from vlm.data.loading import SourceCollator
+    from vlm.data.processing import Collator, PackingCollator, SampleProcessor
+    from vlm.eval.runner import GenerationCollator
+
+    known = set(get_type_hints(Batch))
+    required = set(Batch.__required_keys__)
+    assert {"input_ids", "labels", "pixel_values", "keys"} <= required and "segment_ids" not in required
+    for overrides in ([], ["context=text_meanpool"]):
+        model = build(make_cfg, *overrides)
+        processor = SampleProcessor.for_model(model, 256)
+        samples = [processor(raw_sample(f"s{i}", text)) for i, text in enumerate(["ab", "a longer one"])]
+        pad = model.tokenizer.pad_id
+        batches = [
+            Collator(pad)(samples),
+            PackingCollator(pad, 256)(samples),
+            SourceCollator(Collator(pad), ["data"])(samples),
+            GenerationCollator(pad, 4)([*samples, {"key": "bad", "error": "unreadable"}]),
+        ]
+        for batch in batches:
+            assert set(batch) <= known, set(batch) - known
+            assert required <= set(batch), required - set(batch)
+        if overrides:
+            assert "context_ids" in batches[0]

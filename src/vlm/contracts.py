@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypedDict, runtime_checkable
 
 import torch
 
@@ -119,6 +119,33 @@ class TiledViews:
             torch.cat([item.tiles for item in items]),
             [grid for item in items for grid in item.tile_grids],
         )
+
+
+class _BatchCore(TypedDict):
+    keys: list[str]  # one per sample
+    input_ids: torch.Tensor  # (rows, T) prompt then answer, right-padded (a packed row: several samples)
+    labels: torch.Tensor  # (rows, T) the answer's ids and eos, IGNORE_INDEX elsewhere
+    attention_mask: torch.Tensor  # (rows, T) 1 on tokens, 0 on padding
+    prompt_ids: torch.Tensor  # (samples, P) the prompts alone, left-padded: what generation starts from
+    prompt_mask: torch.Tensor  # (samples, P)
+    pixel_values: torch.Tensor | TiledViews  # every sample's images, sample after sample
+    images_per_sample: torch.Tensor  # (samples,)
+    answers: list[list[str]]  # each sample's reference answers
+    skipped: dict[str, int]  # bad samples skipped while this batch was read, by reason
+
+
+class Batch(_BatchCore, total=False):
+    """What the collators give the model, the module and the benchmarks (`vlm.data.processing.Collator`;
+    `tests/test_contracts.py` checks every collator's keys against it)."""
+
+    image_text_ids: list[torch.Tensor]  # each image's own text (longdoc pages): per-image reading losses
+    context_ids: torch.Tensor  # (images, L) a compressed text arm's texts, one row per <image>
+    context_mask: torch.Tensor  # (images, L)
+    segment_ids: torch.Tensor  # (rows, T) packed rows: 1, 2, ... per sample, 0 on padding
+    sample_labels: torch.Tensor  # (samples, T') packed batches: each sample's own labels row
+    sources: dict[str, int]  # training: samples per data source
+    failed: list[tuple[str, str]]  # generation: (key, why) of items that could not be read
+    max_new_tokens: int  # generation: the benchmark's budget (`VLMModule.predict_step`)
 
 
 def context_inputs(batch: Mapping) -> dict:

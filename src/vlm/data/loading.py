@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 
 from torch.utils.data import DataLoader
 
+from vlm.contracts import Batch
 from vlm.data.processing import (
     Collator,
     SkipCounter,
@@ -27,7 +28,7 @@ class SourceCollator:
         self.collator = collator
         self.names = list(names)
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]) -> Batch:
         batch = self.collator(samples)
         counts = dict.fromkeys(self.names, 0)
         for sample in samples:
@@ -53,7 +54,7 @@ class DataReport:
             split, {"batches": 0, "samples": 0, "sources": Counter(), "skipped": Counter()}
         )
 
-    def add(self, split: str, batch: dict) -> None:
+    def add(self, split: str, batch: Batch) -> None:
         entry = self._entry(split)
         entry["batches"] += 1
         entry["samples"] += len(batch["keys"])

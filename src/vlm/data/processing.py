@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from vlm import IGNORE_INDEX, IMAGE_TOKEN
-from vlm.contracts import CONTEXTS, IN_PROMPT, ImagePreprocessing, TiledViews
+from vlm.contracts import CONTEXTS, IN_PROMPT, Batch, ImagePreprocessing, TiledViews
 from vlm.data.images import ImageTooLarge, open_image, to_rgb
 from vlm.data.skips import Skip
 
@@ -395,7 +395,7 @@ def padded(rows: list[Sequence[int]], value: int, left: bool = False) -> tuple[t
     return ids, mask.long()
 
 
-def to_device(batch: dict, device) -> dict:
+def to_device(batch: Batch, device) -> Batch:
     """A collated batch's tensors (and tiled views) on `device`; lists and counts stay as they are."""
     return {name: value.to(device) if hasattr(value, "to") else value for name, value in batch.items()}
 
@@ -413,7 +413,7 @@ class Collator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]) -> Batch:
         skipped = SkipCounter.drain()
         prompts = [s["prompt_ids"] for s in samples]
         input_ids, attention_mask = padded(
@@ -491,7 +491,7 @@ class PackingCollator(Collator):
         super().__init__(pad_id)
         self.max_length = max_length
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]) -> Batch:
         lengths = [len(s["prompt_ids"]) + len(s["answer_ids"]) for s in samples]
         rows = pack(lengths, self.max_length)
         order = [index for row in rows for index in row]

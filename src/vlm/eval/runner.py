@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from vlm.contracts import Batch
 from vlm.data.processing import Collator, SampleProcessor
 from vlm.eval.benchmarks.base import Benchmark, Context, Item, PredictionIssue, Result
 
@@ -72,7 +73,7 @@ class GenerationCollator(Collator):
         super().__init__(pad_id)
         self.max_new_tokens = max_new_tokens
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]) -> Batch:
         good = [s for s in samples if "error" not in s]
         batch = super().__call__(good) if good else {"keys": []}
         batch["failed"] = [(s["key"], s["error"]) for s in samples if "error" in s]

@@ -7,13 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm import IGNORE_INDEX
+from vlm.contracts import Batch
 from vlm.models.llms.tokenizer import ByteTokenizer
 
 UNITS = ("bytes", "llm")
 BYTE_CLASSES = 257  # UTF-8 byte values 0-255, then 256: the CTC blank and the chunk loss's padding
 
 
-def answer_targets(batch: dict, eos_id: int, loss_name: str) -> list[torch.Tensor]:
+def answer_targets(batch: Batch, eos_id: int, loss_name: str) -> list[torch.Tensor]:
     """What each image of the batch reads, as token ids without end-of-sequence: each page's own text
     when the batch gives it (`image_text_ids`, one per image: the pages of `data=longdoc`), else each
     sample's answer (rendered-text OCR: one image per sample, its text the answer)."""
@@ -44,7 +45,7 @@ def reading_units(units: str, tokenizer) -> tuple[bool, int, int]:
     return True, BYTE_CLASSES, BYTE_CLASSES - 1
 
 
-def reading_targets(batch: dict, tokenizer, loss_name: str, as_bytes: bool) -> list[torch.Tensor]:
+def reading_targets(batch: Batch, tokenizer, loss_name: str, as_bytes: bool) -> list[torch.Tensor]:
     """`answer_targets` as the LLM's ids, or (`as_bytes`) as the UTF-8 bytes of the text they spell."""
     targets = answer_targets(batch, tokenizer.eos_id, loss_name)
     if not as_bytes:
@@ -77,7 +78,7 @@ class CTCHead(nn.Module):
         self.as_bytes, self.vocab_size, self.blank = reading_units(units, tokenizer)
         self.proj = nn.Linear(token_dim * rows, frames_per_column * self.vocab_size)
 
-    def loss(self, tokens: torch.Tensor, grid: tuple[int, int], batch: dict) -> torch.Tensor:
+    def loss(self, tokens: torch.Tensor, grid: tuple[int, int], batch: Batch) -> torch.Tensor:
         """CTC loss of tokens (B, rows*cols, D) on a (rows, cols) grid against the answers."""
         rows, cols = grid
         B, _, D = tokens.shape
@@ -109,7 +110,7 @@ class ChunkHead(nn.Module):
         self.as_bytes, self.vocab_size, self.pad_id = reading_units(units, tokenizer)
         self.proj = nn.Linear(token_dim, chunk_tokens * self.vocab_size)
 
-    def loss(self, vision: torch.Tensor, batch: dict) -> torch.Tensor:
+    def loss(self, vision: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Cross-entropy of vision tokens (B, M, D) against the answers, chunk by chunk."""
         answers = reading_targets(batch, self.tokenizer, "loss.chunk_weight", self.as_bytes)
         B, M, _ = vision.shape

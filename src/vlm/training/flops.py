@@ -28,7 +28,7 @@ from torch import nn
 from torch.autograd.graph import register_multi_grad_hook
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlm.contracts import TiledViews
+from vlm.contracts import Batch, TiledViews
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -145,7 +145,7 @@ class PartFlopCounter:
         self.flops = Counter({name: self.flops[name] for name in self.parts} | other)
 
 
-def batch_shape(batch: dict) -> tuple[tuple, int]:
+def batch_shape(batch: Batch) -> tuple[tuple, int]:
     """(group, sequence length) of a training batch: the group (rows, image tensor shapes) fixes the
     cost of every part but the length's."""
     pixels = batch["pixel_values"]

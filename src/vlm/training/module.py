@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate
 
 from vlm import IGNORE_INDEX
-from vlm.contracts import IN_PROMPT, context_inputs
+from vlm.contracts import IN_PROMPT, Batch, context_inputs
 from vlm.generation import GenerationConfig, generate
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.aux_losses import ChunkHead, CTCHead
@@ -154,7 +154,7 @@ class VLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- training -------------------------------------------------------------------------------
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its parts: next-token cross-entropy on the answer (+ the auxiliary losses), all
         from one forward of the model."""
         input_ids, labels, cfg = batch["input_ids"], batch["labels"], self.cfg.loss
@@ -183,7 +183,7 @@ class VLMModule(L.LightningModule):
         }
         return sum(weights[name] * value for name, value in parts.items()), parts
 
-    def prompt_lm(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    def prompt_lm(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Next-token cross-entropy on the prompt's own text tokens (`loss.prompt_lm_weight`): what a
         language model learns from the document in a text view; image placeholders, vision tokens,
         padding and the answer are not targets."""
@@ -202,7 +202,7 @@ class VLMModule(L.LightningModule):
             return logits.sum() * 0.0  # a batch with no prompt text (a vision view): no loss, same graph
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
-    def _count_skipped(self, batch: dict) -> None:
+    def _count_skipped(self, batch: Batch) -> None:
         """Running totals of skipped samples and of samples per data source, summed over ranks."""
         self.skipped.update(batch.get("skipped", {}))
         self.sources.update(batch.get("sources", {}))
@@ -211,7 +211,7 @@ class VLMModule(L.LightningModule):
         for name, count in sorted(self.sources.items()):
             self.log(f"data/{name}_samples", float(count), reduce_fx="sum", sync_dist=True)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, parts = self.loss(batch)
         self._count_skipped(batch)
         for name, value in parts.items():
@@ -226,7 +226,7 @@ class VLMModule(L.LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     @staticmethod
-    def context_reading(batch: dict, vectors: torch.Tensor) -> dict:
+    def context_reading(batch: Batch, vectors: torch.Tensor) -> Batch:
         """The batch as the chunk loss reads a text arm's vectors (`vlm.training.aux_losses.answer_targets`):
         each row stands for one image and reads the text it holds (`context_ids`), as the vision arm's pages
         read their `image_text_ids` (for an OCR sample, its text is its answer: the one-image reading); the
@@ -239,7 +239,7 @@ class VLMModule(L.LightningModule):
         return batch | {"image_text_ids": rows, "pixel_values": vectors}
 
     # -- evaluation -----------------------------------------------------------------------------
-    def predict_text(self, batch: dict, max_new_tokens: int) -> list[str]:
+    def predict_text(self, batch: Batch, max_new_tokens: int) -> list[str]:
         """The batch's answers generated with the run's `generation:` settings, decoded."""
         gen = self.cfg.generation
         config = GenerationConfig(
@@ -255,7 +255,7 @@ class VLMModule(L.LightningModule):
         )
         return [self.model.tokenizer.decode(row) for row in ids]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> list[str] | None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> list[str] | None:
         """The decoded texts of the first `generation.val_batches` batches are scored (val/cer,
         val/exact_match: torchmetrics, summed over ranks) and returned for callbacks
         (tracking.ValidationSamples)."""
@@ -277,7 +277,7 @@ class VLMModule(L.LightningModule):
         self.val_cer.reset()
         self.val_exact_match.reset()
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict:
         """Generation for a benchmark (`vlm.eval.runner`): {"texts": {key: generated text}, "failed":
         [(key, why)] of the items that could not be read}. The batch carries its `max_new_tokens` (the
         benchmark's), else the run's `generation.max_new_tokens`."""

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from vlm.contracts import Batch
 from vlm.metrics import corpus_cer
 
 # config groups whose chosen option becomes a tag ("encoder:siglip")
@@ -171,7 +172,7 @@ class ValidationSamples(L.Callback):
             )
 
 
-def first_images(batch: dict, preprocessing) -> list[Image.Image | None]:
+def first_images(batch: Batch, preprocessing) -> list[Image.Image | None]:
     """Each sample's first image as the encoder saw it (global view, normalisation undone); None for a
     sample without images."""
     views = batch["pixel_values"]
