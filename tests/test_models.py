@@ -158,8 +158,18 @@ def test_perceiver_heads_must_divide_the_width():
         Perceiver(32, heads=5)
 
 
-def test_composition_error_names_the_encoder_and_its_grid():
+def test_composition_error_names_the_encoder_and_its_grid(make_cfg):
+    """Composed by Hydra, the parts go by the options chosen (`model.options`); built in Python, by class."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
     with pytest.raises(
-        CompositionError, match=r"encoder=tiny \(32x128 image -> 4x16 grid of width 32\) .* factor 3"
+        CompositionError,
+        match=r"encoder=TinyEncoder \(32x128 image -> 4x16 grid of width 32\) .* resampler=PixelShuffle with factor 3",
     ):
         tiny_vlm(functools.partial(PixelShuffle, factor=3))
+    cfg = make_cfg("resampler=pixel_shuffle", "resampler.factor=3")
+    with pytest.raises(
+        InstantiationException, match=r"encoder=tiny \(.*\) .* resampler=pixel_shuffle with factor 3"
+    ):
+        instantiate(cfg.model)

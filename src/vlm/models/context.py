@@ -36,8 +36,6 @@ def segment_means(embeds: torch.Tensor, lengths: torch.Tensor, segments: int) ->
 class MeanPoolCompressor(nn.Module):
     """Token embeddings (N, L, D) -> their means over `tokens` contiguous segments (N, tokens, D)."""
 
-    option = "context=text_meanpool"
-
     def __init__(self, in_dim: int, tokens: int) -> None:
         super().__init__()
         self.out_dim, self.tokens = in_dim, tokens
@@ -67,8 +65,6 @@ class ConvCompressor(nn.Module):
     A text of up to `tokens x 2**stages` tokens enters whole (a segment per token); a longer one is
     averaged into that many segments first.
     """
-
-    option = "context=text_conv"
 
     def __init__(
         self,

@@ -22,7 +22,12 @@ class Resampler(nn.Module):
     `VisionLanguageModel` asks it at construction, so that happens at start-up.
     """
 
-    option: str = "resampler=?"
+    option: str = "resampler=?"  # as VisionEncoder.option: the Hydra choice, else the class's name
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.option = f"resampler={cls.__name__}"
+
     out_dim: int
     needs_spatial_grid = False  # folds or pools neighbouring patches, so a query set will not do
 
@@ -35,8 +40,6 @@ class Resampler(nn.Module):
 
 
 class Identity(Resampler):
-    option = "resampler=identity"
-
     def __init__(self, in_dim: int) -> None:
         super().__init__()
         self.out_dim = in_dim
@@ -55,7 +58,6 @@ class PixelShuffle(Resampler):
     tiny encoder's 2x32) folds as [2, 8] into 4 tokens, each a quarter of the line.
     """
 
-    option = "resampler=pixel_shuffle"
     needs_spatial_grid = True
 
     def __init__(self, in_dim: int, factor: int | tuple[int, int] = 2) -> None:
@@ -79,7 +81,7 @@ class PixelShuffle(Resampler):
                 f"cols among {', '.join(map(str, common_divisors(cols, cols)))}"
             )
             raise ValueError(
-                f"resampler=pixel_shuffle with factor {shown} needs a token grid whose sides it "
+                f"{self.option} with factor {shown} needs a token grid whose sides it "
                 f"divides, but the encoder gives a {rows}x{cols} grid ({choices})"
             )
         return rows // r, cols // c
@@ -100,7 +102,6 @@ class AvgPool(Resampler):
     and is closest to its aspect ratio (16 tokens: 4x4 from 32x32, 1x16 from 2x32).
     """
 
-    option = "resampler=avgpool"
     needs_spatial_grid = True
 
     def __init__(self, in_dim: int, tokens: int | None = 16, grid: Grid | None = None) -> None:
@@ -119,14 +120,14 @@ class AvgPool(Resampler):
         if self.grid is not None:
             if self.grid[0] > rows or self.grid[1] > cols:
                 raise ValueError(
-                    f"resampler=avgpool cannot pool a {rows}x{cols} grid up to {self.grid[0]}x{self.grid[1]}"
+                    f"{self.option} cannot pool a {rows}x{cols} grid up to {self.grid[0]}x{self.grid[1]}"
                 )
             return self.grid
         fits = [(r, self.tokens // r) for r in range(1, rows + 1) if self.tokens % r == 0]
         fits = [(r, c) for r, c in fits if c <= cols]
         if not fits:
             raise ValueError(
-                f"resampler=avgpool cannot pool a {rows}x{cols} grid ({rows * cols} tokens) to "
+                f"{self.option} cannot pool a {rows}x{cols} grid ({rows * cols} tokens) to "
                 f"{self.tokens} tokens (no rows x cols = {self.tokens} fits in it)"
             )
         aspect = math.log(rows / cols)
@@ -154,8 +155,6 @@ class PerceiverBlock(nn.Module):
 class Perceiver(Resampler):
     """`num_queries` learned queries cross-attend to the encoder tokens through `depth` blocks, each
     cross-attention then an MLP (pre-norm, residual); a final LayerNorm."""
-
-    option = "resampler=perceiver"
 
     def __init__(self, in_dim: int, num_queries: int = 16, depth: int = 2, heads: int = 4) -> None:
         super().__init__()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -73,6 +73,9 @@ class VisionLanguageModel(nn.Module):
     `context_compressor` (a factory, built with the LLM width and K) takes the resampler's place and
     feeds the projector; `truncate` and `full_text` put token ids in the prompt. In the text arms the
     encoder and resampler only set K and stay frozen, as do the projector's weights when it is unused.
+
+    `options` ({group: option}, from Hydra's `runtime.choices` in conf/train.yaml's `model.options`) name
+    the parts in messages as the command line does (`encoder=siglip`); without them, by class.
     """
 
     def __init__(
@@ -85,11 +88,17 @@ class VisionLanguageModel(nn.Module):
         text_position_unit: str | None = None,
         context: str = "vision",
         context_compressor: Callable[..., nn.Module] | None = None,
+        options: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
+        options = dict(options or {})  # group -> the option chosen (Hydra's runtime.choices), for messages
+        if "encoder" in options:
+            encoder.option = f"encoder={options['encoder']}"
         with composition_check(encoder):
             self.resampler = resampler(in_dim=encoder.output_dim)
+            if "resampler" in options:
+                self.resampler.option = f"resampler={options['resampler']}"
             if self.resampler.needs_spatial_grid and not encoder.spatial:
                 raise ValueError(
                     f"{self.resampler.option} folds or pools neighbouring patches of a spatial grid, which "
@@ -116,6 +125,7 @@ class VisionLanguageModel(nn.Module):
         self.context = context
         if context_compressor is not None:
             self.resampler = context_compressor(in_dim=llm.hidden_size, tokens=self.vision_tokens_per_image)
+            self.resampler.option = f"context={context}"
         projection = projector(in_dim=self.resampler.out_dim, out_dim=llm.hidden_size)
         layout = encoder.layout_tokens and context == "vision"
         self.projector = WithLayout(projection, llm.hidden_size) if layout else projection

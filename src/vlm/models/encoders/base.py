@@ -14,7 +14,14 @@ class VisionEncoder(nn.Module):
     A tiling encoder (`preprocessing.tiling` set) takes and returns `TiledViews` instead.
     """
 
-    option: str = "encoder=?"  # how the command line names it, for messages
+    # how the command line names it, for messages: `encoder=<the Hydra choice>`, set by the model from
+    # its config (`model.options`); built without one, the class's name
+    option: str = "encoder=?"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.option = f"encoder={cls.__name__}"
+
     output_dim: int
     preprocessing: ImagePreprocessing
     block_classes: tuple[type[nn.Module], ...] = ()

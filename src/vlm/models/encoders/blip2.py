@@ -42,7 +42,6 @@ class Blip2Encoder(VisionEncoder):
     weights: official sizes by default, small ones for tests.
     """
 
-    option = "encoder=blip2"
     spatial = False
     block_classes = (Blip2EncoderLayer, Blip2QFormerLayer)
 

@@ -334,7 +334,6 @@ class DeepEncoder(VisionEncoder):
     large 1280 (20x20), gundam: a 1024 global view plus 640 tiles (`TiledViews`).
     """
 
-    option = "encoder=deepencoder"
     block_classes = (SamBlock, ClipLayer)
     # SAM with its neck and the compressor (net_2, net_3 live in sam_model, as released)
     low_level_modules = ("sam_model",)

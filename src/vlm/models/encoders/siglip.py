@@ -52,8 +52,6 @@ class SigLIPEncoder(VisionEncoder):
     weights (module docstring; the default `webli` is timm's tag for the SigLIP ViTs), None for fresh ones.
     """
 
-    option = "encoder=siglip"
-
     def __init__(
         self,
         model_name: str = "vit_base_patch16_siglip_512",

@@ -38,7 +38,6 @@ class TinyEncoder(VisionEncoder):
     -> (B, H/s * W/s, dim)
     """
 
-    option = "encoder=tiny"
     block_classes = (EncoderBlock,)
     low_level_modules = ("stem",)
 
