@@ -11,7 +11,7 @@ from vlm.contracts import ImagePreprocessing
 from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.render import RenderStyle, render
 from vlm.data.shards import expand_urls, write_shards
-from vlm.data.stream import ShardStream
+from vlm.data.stream import EvalStream, TrainStream
 from vlm.data.synthetic import SyntheticText
 from vlm.models.llms.tokenizer import ByteTokenizer
 
@@ -91,7 +91,7 @@ def processor(train=True) -> SampleProcessor:
 
 def test_labels_cover_only_the_answer(tmp_path):
     shard = small_source(tmp_path).prepare()["val"][0]
-    raw = next(iter(ShardStream([shard], lambda r: r, train=False)))
+    raw = next(iter(EvalStream([shard], lambda r: r)))
     sample = processor()(raw)
     tok = ByteTokenizer()
     answer = json.loads(raw["json"])["answers"][0]
@@ -117,7 +117,7 @@ def test_ranks_and_workers_read_disjoint_shards():
     urls = [f"shard-{i}.tar" for i in range(8)]
     seen = []
     for rank in range(2):
-        stream = ShardStream(urls, lambda r: r, train=True, rank=rank, world_size=2, seed=5)
+        stream = TrainStream(urls, lambda r: r, rank=rank, world_size=2, seed=5)
         it = stream.train_shards()
         seen.append([next(it)["url"] for _ in range(4)])
     assert not set(seen[0]) & set(seen[1])
@@ -125,7 +125,7 @@ def test_ranks_and_workers_read_disjoint_shards():
 
 
 def test_too_few_shards_for_the_readers_is_a_clear_error():
-    stream = ShardStream(["one.tar"], lambda r: r, train=True, rank=0, world_size=2)
+    stream = TrainStream(["one.tar"], lambda r: r, rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"1 training shard\(s\) for 2 rank\(s\)"):
         next(stream.train_shards())
 
@@ -133,12 +133,7 @@ def test_too_few_shards_for_the_readers_is_a_clear_error():
 def test_evaluation_gives_every_rank_the_same_count(tmp_path):
     shards = small_source(tmp_path, num_val=9).prepare()["val"]
     keys = [
-        [
-            s["key"]
-            for s in ShardStream(
-                shards, processor(False), train=False, rank=r, world_size=2, samples_per_rank=4
-            )
-        ]
+        [s["key"] for s in EvalStream(shards, processor(False), rank=r, world_size=2, samples_per_rank=4)]
         for r in range(2)
     ]
     assert len(keys[0]) == len(keys[1]) == 4 and not set(keys[0]) & set(keys[1])
@@ -158,7 +153,7 @@ def test_corrupt_and_malformed_samples_are_skipped_and_counted(tmp_path):
     malformed = {**good, "key": "malformed", "answers": []}
     shards = write_shards([good, corrupt, good | {"key": "good2"}, malformed], tmp_path, "mixed", 10)
     SkipCounter.drain()
-    samples = list(ShardStream(expand_urls(str(tmp_path / "mixed-*.tar")), processor(False), train=False))
+    samples = list(EvalStream(expand_urls(str(tmp_path / "mixed-*.tar")), processor(False)))
     assert [s["key"] for s in samples] == ["good", "good2"]
     batch = Collator(0)(samples)
     assert batch["skipped"] == {"corrupt_image": 1, "malformed_record": 1}

@@ -20,7 +20,7 @@ from vlm.data.datamodule import ShardDataModule
 from vlm.data.loading import DataReport, SourceCollator, StreamLoader
 from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.shards import write_index, write_shards
-from vlm.data.stream import ShardStream, Source
+from vlm.data.stream import ShardStream, Source, TrainStream
 from vlm.models.llms.tokenizer import ByteTokenizer
 
 BAD_REASONS = ("corrupt_image", "missing_image", "malformed_json", "empty_text", "truncated_tar")
@@ -92,10 +92,7 @@ def test_mix_draws_sources_by_weight_and_reports_the_counts(tmp_path):
     ]
 
     def draw(rank: int = 0, seed: int = 0) -> list[dict]:
-        stream = ShardStream(
-            sources, processor(), train=True, rank=rank, world_size=2, seed=seed, shuffle_buffer=8,
-            batch_size=20, batches_per_epoch=100,
-        )  # fmt: skip
+        stream = TrainStream(sources, processor(), rank=rank, world_size=2, seed=seed, shuffle_buffer=8, batch_size=20, batches_per_epoch=100)  # fmt: skip
         return list(loader(stream, 20))
 
     batches = draw()
@@ -142,10 +139,7 @@ def test_ranks_and_workers_split_an_epoch_into_equal_disjoint_parts(tmp_path):
     urls = uneven_shards(tmp_path, "s", [3, 4, 5, 6, 7, 8, 9, 10])  # 52 samples, 2 shards per reader
 
     def epoch(rank: int, epoch: int) -> list[list[str]]:
-        stream = ShardStream(
-            urls, processor(), train=True, rank=rank, world_size=2, seed=7, shuffle_buffer=4,
-            batch_size=4, batches_per_epoch=5, epoch=epoch,
-        )  # fmt: skip
+        stream = TrainStream(urls, processor(), rank=rank, world_size=2, seed=7, shuffle_buffer=4, batch_size=4, batches_per_epoch=5, epoch=epoch)  # fmt: skip
         assert len(stream) == 20
         return [
             b["keys"]
@@ -167,9 +161,7 @@ def test_ranks_and_workers_split_an_epoch_into_equal_disjoint_parts(tmp_path):
 
 def test_the_loader_advances_the_epoch(tmp_path):
     urls = uneven_shards(tmp_path, "s", [6, 6, 6, 6])
-    stream = ShardStream(
-        urls, processor(), train=True, seed=1, shuffle_buffer=4, batch_size=4, batches_per_epoch=3
-    )
+    stream = TrainStream(urls, processor(), seed=1, shuffle_buffer=4, batch_size=4, batches_per_epoch=3)
     train = loader(stream, 4)
     first, second = ([k for b in train for k in b["keys"]] for _ in range(2))
     assert stream.epoch == 1 and len(first) == len(second) == 12 and first != second
@@ -259,7 +251,7 @@ def test_every_kind_of_bad_data_is_skipped_counted_and_reported(tmp_path, caplog
 def test_training_reads_on_after_a_truncated_shard(tmp_path):
     urls = write_bad_shards(tmp_path)
     urls += write_shards(samples("more", 8), tmp_path, "more", 4)
-    stream = ShardStream(urls, processor(), train=True, shuffle_buffer=2, batch_size=4, batches_per_epoch=6)
+    stream = TrainStream(urls, processor(), shuffle_buffer=2, batch_size=4, batches_per_epoch=6)
     batches = list(loader(stream, 4))
     assert len(batches) == 6 and all(len(b["keys"]) == 4 for b in batches)
     assert {k.split("-")[0] for b in batches for k in b["keys"]} == {"ok", "more"}
@@ -270,7 +262,7 @@ def test_training_reads_on_after_a_truncated_shard(tmp_path):
 def test_a_source_without_usable_samples_stops_with_its_name(tmp_path):
     bad = [{**s, "answers": [""]} for s in samples("e", 4)]
     urls = write_shards(bad, tmp_path, "empty", 2)
-    stream = ShardStream(urls, processor(), train=True, batch_size=2, batches_per_epoch=1, name="blank")
+    stream = TrainStream(urls, processor(), batch_size=2, batches_per_epoch=1, name="blank")
     with pytest.raises(RuntimeError, match=r"source 'blank': no usable sample"):
         next(iter(stream))
 

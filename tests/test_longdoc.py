@@ -18,7 +18,7 @@ from vlm.data.processing import Collator, SampleProcessor, SkipCounter
 from vlm.data.render import load_font, random_style, render
 from vlm.data.shards import expand_urls, to_tar_entry, write_shards
 from vlm.data.skips import Skip
-from vlm.data.stream import ShardStream
+from vlm.data.stream import EvalStream
 from vlm.data.tar_reading import read_shards
 from vlm.eval.benchmarks.base import Item, shard_items
 from vlm.eval.runner import GenerationCollator, GenerationSet
@@ -102,7 +102,7 @@ def test_more_markers_than_pages_is_missing_image_and_too_many_pages_too_long(tm
     ]
     write_shards(samples, tmp_path, "p", 10)
     SkipCounter.drain()
-    kept = list(ShardStream(expand_urls(str(tmp_path / "p-*.tar")), processor(max_length=32), train=False))
+    kept = list(EvalStream(expand_urls(str(tmp_path / "p-*.tar")), processor(max_length=32)))
     assert [s["key"] for s in kept] == ["fits"]
     assert Collator(0)(kept)["skipped"] == {"missing_image": 1, "too_long": 1}
 

@@ -24,7 +24,7 @@ from vlm.data.images import open_image, to_rgb
 from vlm.data.processing import ImageProcessor, SkipCounter, load_record
 from vlm.data.shards import tar_keys, to_tar_entry, write_shards
 from vlm.data.skips import Skip
-from vlm.data.stream import ShardStream
+from vlm.data.stream import EvalStream, TrainStream
 from vlm.data.tar_reading import ReadLimits, count_samples, read_shards
 
 GiB = 2**30
@@ -107,7 +107,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def read(urls: list[str], limits: ReadLimits | None = None) -> tuple[list[str], dict[str, int]]:
     """(keys of the usable samples, skipped counts) of an evaluation pass over the shards."""
-    stream = ShardStream(urls, processor(False), train=False, limits=limits or ReadLimits())
+    stream = EvalStream(urls, processor(False), limits=limits or ReadLimits())
     keys = [s["key"] for s in stream]
     return keys, SkipCounter.drain()
 
@@ -305,7 +305,7 @@ def test_training_goes_on_past_every_kind_of_bad_member(tmp_path, memory_cap):
         (".hidden.png", png()),
     ]
     urls = [write_tar(tmp_path / f"t{n}.tar", [*bad, *samples(f"g{n}", 3)]) for n in range(2)]
-    stream = ShardStream(urls, processor(), train=True, shuffle_buffer=2, batch_size=2, batches_per_epoch=6)
+    stream = TrainStream(urls, processor(), shuffle_buffer=2, batch_size=2, batches_per_epoch=6)
     produced = list(stream)
     assert len(produced) == 12 and {s["key"][:2] for s in produced} == {"g0", "g1"}
     skipped = Counter(SkipCounter.drain())

@@ -24,7 +24,7 @@ from vlm.data.processing import (
     SampleProcessor,
 )
 from vlm.data.shards import expand_urls
-from vlm.data.stream import ShardStream, Source, stable_seed
+from vlm.data.stream import EvalStream, ShardStream, Source, TrainStream, stable_seed
 from vlm.data.tar_reading import MAX_MEMBER_BYTES, ReadLimits, count_samples, index_count, is_local
 
 log = logging.getLogger(__name__)
@@ -199,10 +199,9 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self._rank()
         sources = self.train_sources()
         batches = self.epoch_batches(world)
-        stream = ShardStream(
+        stream = TrainStream(
             sources,
             self.processor_factory(True),
-            train=True,
             rank=rank,
             world_size=world,
             seed=self.stream_seed(),
@@ -232,10 +231,9 @@ class ShardDataModule(L.LightningDataModule):
         urls = self.shards(split)
         count = self.sample_count(split, urls, count=limit is None or all(is_local(u) for u in urls))
         total = count if limit is None else limit if count is None else min(count, limit)
-        stream = ShardStream(
+        stream = EvalStream(
             urls,
             self.processor_factory(False),
-            train=False,
             rank=rank,
             world_size=world,
             samples_per_rank=total // world,

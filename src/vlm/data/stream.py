@@ -86,37 +86,27 @@ _PASS_END = object()
 
 
 class ShardStream(IterableDataset):
-    """Processed samples from shards, split by rank and dataloader worker (see the module docstring).
+    """Processed samples from shards, split by rank and dataloader worker (see the module docstring): what
+    the training and the evaluation streams share. `urls` is a list of shard URLs (one source called
+    `name`) or of `Source`s mixed by weight; `limits` bound what one tar member may cost (`ReadLimits`).
+    A sample the processor refuses (`Skip`) is counted by reason and left out."""
 
-    `urls` is a list of shard URLs (one source called `name`) or of `Source`s mixed by weight.
-    Training: `batches_per_epoch` whole batches of `batch_size` per rank and epoch (None: endless);
-    set `epoch` before iterating (the loader of `ShardDataModule` does). Evaluation:
-    `samples_per_rank` usable samples per rank (None: all of the rank's samples). `limits` bound what
-    one tar member may cost (`ReadLimits`).
-    """
+    train: bool
 
     def __init__(
         self,
         urls: Sequence[str] | Sequence[Source],
         processor: Callable[[dict], dict],
-        train: bool,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        shuffle_buffer: int = 1000,
-        samples_per_rank: int | None = None,
-        batch_size: int = 1,
-        batches_per_epoch: int | None = None,
-        epoch: int = 0,
         name: str = "data",
         limits: ReadLimits | None = None,
     ) -> None:
         urls = list(urls)
         self.sources = urls if urls and isinstance(urls[0], Source) else [Source(name, urls)]
-        self.processor, self.train = processor, train
+        self.processor = processor
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle_buffer, self.samples_per_rank = shuffle_buffer, samples_per_rank
-        self.batch_size, self.batches_per_epoch, self.epoch = batch_size, batches_per_epoch, epoch
         self.limits = limits or ReadLimits()
         if any(s.weight < 0 for s in self.sources) or sum(s.weight for s in self.sources) <= 0:
             raise ValueError(f"source weights must be >= 0 and not all 0: {self.weights()}")
@@ -128,15 +118,52 @@ class ShardStream(IterableDataset):
     def weights(self) -> dict[str, float]:
         return {s.name: s.weight for s in self.sources}
 
-    def __len__(self) -> int:
-        """Samples per rank and epoch (training with a finite epoch only)."""
-        if not self.train or self.batches_per_epoch is None:
-            raise TypeError("this stream has no length: evaluation, or an endless training epoch")
-        return self.batches_per_epoch * self.batch_size
-
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
         return (info.id, info.num_workers) if info else (0, 1)
+
+    def _process(self, raw: dict, name: str, quiet: bool = False) -> dict | None:
+        try:
+            sample = self.processor(raw)
+        except Skip as error:
+            if not quiet:
+                SkipCounter.add(error)
+            return None
+        if isinstance(sample, dict):
+            sample["source"] = name
+        return sample
+
+
+class TrainStream(ShardStream):
+    """Training: `batches_per_epoch` whole batches of `batch_size` per rank and epoch (None: endless),
+    each reader's epoch slice of the shards through a shuffle buffer of `shuffle_buffer` samples, the
+    sources drawn by weight; set `epoch` before iterating (the loader of `ShardDataModule` does)."""
+
+    train = True
+
+    def __init__(
+        self,
+        urls: Sequence[str] | Sequence[Source],
+        processor: Callable[[dict], dict],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        batch_size: int = 1,
+        batches_per_epoch: int | None = None,
+        epoch: int = 0,
+        name: str = "data",
+        limits: ReadLimits | None = None,
+    ) -> None:
+        super().__init__(urls, processor, rank, world_size, seed, name, limits)
+        self.shuffle_buffer = shuffle_buffer
+        self.batch_size, self.batches_per_epoch, self.epoch = batch_size, batches_per_epoch, epoch
+
+    def __len__(self) -> int:
+        """Samples per rank and epoch (training with a finite epoch only)."""
+        if self.batches_per_epoch is None:
+            raise TypeError("this stream has no length: an endless training epoch")
+        return self.batches_per_epoch * self.batch_size
 
     def check_readers(self, num_workers: int) -> None:
         """Every reader (rank x worker) needs a shard of every source."""
@@ -186,17 +213,6 @@ class ShardStream(IterableDataset):
             yield from shuffled(read_shards(urls, limits=self.limits), buffer, rng)
             yield _PASS_END
 
-    def _process(self, raw: dict, name: str, quiet: bool = False) -> dict | None:
-        try:
-            sample = self.processor(raw)
-        except Skip as error:
-            if not quiet:
-                SkipCounter.add(error)
-            return None
-        if isinstance(sample, dict):
-            sample["source"] = name
-        return sample
-
     def _train_samples(self, worker: int, num_workers: int) -> Iterator[dict]:
         rng = self.reader_rng(worker)
         streams = [self._raw_train(i, rng) for i in range(len(self.sources))]
@@ -227,6 +243,31 @@ class ShardStream(IterableDataset):
                     break
             produced += 1
             yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = self._worker()
+        return hold_last(self._train_samples(worker, num_workers))
+
+
+class EvalStream(ShardStream):
+    """Evaluation: every shard once, in order; rank r keeps samples r, r + world, ...; with
+    `samples_per_rank`, exactly that many usable samples per rank (a rank short of them repeats its
+    own), so every rank runs the same number of batches."""
+
+    train = False
+
+    def __init__(
+        self,
+        urls: Sequence[str] | Sequence[Source],
+        processor: Callable[[dict], dict],
+        rank: int = 0,
+        world_size: int = 1,
+        samples_per_rank: int | None = None,
+        name: str = "data",
+        limits: ReadLimits | None = None,
+    ) -> None:
+        super().__init__(urls, processor, rank, world_size, name=name, limits=limits)
+        self.samples_per_rank = samples_per_rank
 
     def _eval_raw(self, worker: int, num_workers: int, quiet: bool = False) -> Iterator[dict]:
         """Raw samples r, r + world, ... of the shards (capped at `samples_per_rank`), this worker's
@@ -280,6 +321,4 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = self._worker()
-        if self.train:
-            return hold_last(self._train_samples(worker, num_workers))
         return hold_last(self._eval_samples(worker, num_workers))
