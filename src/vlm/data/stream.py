@@ -145,17 +145,15 @@ class TrainStream(ShardStream):
         self,
         urls: Sequence[str] | Sequence[Source],
         processor: Callable[[dict], dict],
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
+        *,
         shuffle_buffer: int = 1000,
         batch_size: int = 1,
         batches_per_epoch: int | None = None,
         epoch: int = 0,
-        name: str = "data",
-        limits: ReadLimits | None = None,
+        **common,
     ) -> None:
-        super().__init__(urls, processor, rank, world_size, seed, name, limits)
+        """`common`: ShardStream's rank, world_size, seed, name, limits."""
+        super().__init__(urls, processor, **common)
         self.shuffle_buffer = shuffle_buffer
         self.batch_size, self.batches_per_epoch, self.epoch = batch_size, batches_per_epoch, epoch
 
@@ -260,13 +258,12 @@ class EvalStream(ShardStream):
         self,
         urls: Sequence[str] | Sequence[Source],
         processor: Callable[[dict], dict],
-        rank: int = 0,
-        world_size: int = 1,
+        *,
         samples_per_rank: int | None = None,
-        name: str = "data",
-        limits: ReadLimits | None = None,
+        **common,
     ) -> None:
-        super().__init__(urls, processor, rank, world_size, name=name, limits=limits)
+        """`common`: ShardStream's rank, world_size, name, limits."""
+        super().__init__(urls, processor, **common)
         self.samples_per_rank = samples_per_rank
 
     def _eval_raw(self, worker: int, num_workers: int, quiet: bool = False) -> Iterator[dict]:
